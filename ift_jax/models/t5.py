@@ -1,0 +1,599 @@
+"""Flax linen T5 (v1.0 and v1.1 / FLAN-T5), numerically equal to HF transformers.
+
+What this module owns:
+
+- `T5Config`: the facts real checkpoints vary, plus compute/param dtypes, and
+  the presets (`tiny`, T5 1.1 / FLAN-T5 `small` ... `xxl`).
+- `Transformer`: the encoder-decoder with the t5x-compatible `__call__`, and
+  `encode` / `decode` for generation with an autoregressive KV cache.
+
+Param tree (t5x T5 1.1 naming, so t5x and HF checkpoints map one-to-one)::
+
+    token_embedder/embedding                         [vocab, embed]
+    encoder/relpos_bias/rel_embedding                [heads, relpos_buckets]
+    encoder/layers_N/pre_attention_layer_norm/scale  [embed]
+    encoder/layers_N/attention/{query,key,value}/kernel  [embed, heads, kv]
+    encoder/layers_N/attention/out/kernel            [heads, kv, embed]
+    encoder/layers_N/pre_mlp_layer_norm/scale        [embed]
+    encoder/layers_N/mlp/{wi | wi_0,wi_1}/kernel     [embed, mlp]
+    encoder/layers_N/mlp/wo/kernel                   [mlp, embed]
+    encoder/encoder_norm/scale
+    decoder/relpos_bias/rel_embedding
+    decoder/layers_N/{pre_self_attention_layer_norm, self_attention,
+                      pre_cross_attention_layer_norm, encoder_decoder_attention,
+                      pre_mlp_layer_norm, mlp}/...
+    decoder/decoder_norm/scale
+    decoder/logits_dense/kernel                      [embed, vocab]  (untied only)
+
+Every param carries logical axis names (`nn.with_logical_partitioning`); the
+mapping to mesh axes lives in `ift_jax.partitioning` alone.
+
+Numerics follow the reference: RMS layer norm in fp32, no 1/sqrt(d_kv) in
+attention (T5 folds it into the init), softmax and logits in fp32, relative
+position buckets computed exactly as HF's `_relative_position_bucket`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+
+# Activation names as HF's ACT2FN spells them (the part after `gated-`).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Architecture of a T5 model. Defaults are T5 1.1 / FLAN-T5 `small`.
+
+    Attributes:
+      tie_word_embeddings: the output projection reuses `token_embedder`
+        (T5 v1.0) instead of its own `decoder/logits_dense` (T5 1.1).
+      scale_decoder_outputs: multiply the decoder output by d_model**-0.5
+        before the tied projection (T5 v1.0). Kept apart from tying because
+        transformers 5.x can build tied models without the scaling.
+      dtype: compute dtype (activations, matmuls); params stay `param_dtype`.
+    """
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_layers: int = 8
+    num_decoder_layers: Optional[int] = 8
+    num_heads: int = 6
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
+    scale_decoder_outputs: bool = False
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        _ = self.activations  # validates feed_forward_proj early
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """Activation of each input projection: one (`wi`) or two (`wi_0`, `wi_1`)."""
+        name = self.feed_forward_proj.removeprefix("gated-")
+        if self.feed_forward_proj == "gated-gelu":
+            name = "gelu_new"  # What HF (and mesh-tf) mean by gated-gelu.
+        if name not in ACTIVATIONS:
+            raise ValueError(
+                f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use "
+                f"'<act>' or 'gated-<act>' with <act> one of {sorted(ACTIVATIONS)}"
+            )
+        return (name, "linear") if self.is_gated else (name,)
+
+    def replace(self, **changes) -> "T5Config":
+        return dataclasses.replace(self, **changes)
+
+
+_T5_11 = dict(vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+PRESETS: dict[str, T5Config] = {
+    # Small enough for CPU tests; same structure as the real ones.
+    "tiny": T5Config(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                     num_decoder_layers=2, num_heads=4,
+                     relative_attention_num_buckets=32, feed_forward_proj="gated-gelu"),
+    "small": T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
+                      num_heads=6, **_T5_11),
+    "base": T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
+                     num_heads=12, **_T5_11),
+    "large": T5Config(d_model=1024, d_kv=64, d_ff=2816, num_layers=24,
+                      num_decoder_layers=24, num_heads=16, **_T5_11),
+    "xl": T5Config(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
+                   num_heads=32, **_T5_11),
+    "xxl": T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                    num_decoder_layers=24, num_heads=64, **_T5_11),
+}
+
+
+def get_config(name: str, **overrides) -> T5Config:
+    """Returns preset `name` (see `PRESETS`) with `overrides` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown T5 preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+# ----------------------------------------------------------------------------
+# Building blocks.
+
+
+def _param_init(init: Callable, axes: tuple[Optional[str], ...]) -> Callable:
+    return nn.with_logical_partitioning(init, axes)
+
+
+def _constrain(x: Array, axes: tuple[Optional[str], ...]) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class LayerNorm(nn.Module):
+    """T5's RMS norm: no mean subtraction, no bias, variance in fp32."""
+
+    epsilon: float
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array) -> Array:
+        d = x_BxLxD.shape[-1]
+        scale = self.param("scale", _param_init(nn.initializers.ones, ("embed",)),
+                           (d,), self.param_dtype)
+        x = x_BxLxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+        return (x * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> Array:
+    """HF's `_relative_position_bucket`, op for op (memory position - query position)."""
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).astype(relative_position.dtype) * num_buckets
+        relative_position = jnp.abs(relative_position)
+    else:
+        relative_position = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    # Clamp before the log so exact (small) positions never take log(0).
+    safe = jnp.maximum(relative_position, max_exact).astype(jnp.float32)
+    large = max_exact + (
+        jnp.log(safe / max_exact) / np.float32(math.log(max_distance / max_exact))
+        * (num_buckets - max_exact)
+    ).astype(relative_position.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, relative_position, large)
+
+
+class RelativePositionBiases(nn.Module):
+    """Per-head bias from bucketed relative positions, shared by all layers of a stack."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, query_pos_BxQ: Array, key_pos_BxK: Array) -> Array:
+        """Returns the bias `[batch, heads, q, k]` (batch may be 1 for broadcasting)."""
+        rel_embedding = self.param(
+            "rel_embedding",
+            _param_init(nn.initializers.normal(stddev=1.0), ("heads", "relpos_buckets")),
+            (self.num_heads, self.num_buckets), self.param_dtype)
+        relative_BxQxK = key_pos_BxK[:, None, :] - query_pos_BxQ[:, :, None]
+        bucket_BxQxK = relative_position_bucket(
+            relative_BxQxK.astype(jnp.int32), self.bidirectional, self.num_buckets,
+            self.max_distance)
+        # One-hot contraction (as t5x) rather than a gather: cheap, and shards cleanly.
+        onehot_BxQxKxR = jax.nn.one_hot(bucket_BxQxK, self.num_buckets, dtype=self.dtype)
+        bias_BxHxQxK = jnp.einsum("hr,bqkr->bhqk", rel_embedding.astype(self.dtype),
+                                  onehot_BxQxKxR)
+        return bias_BxHxQxK
+
+
+class MultiHeadAttention(nn.Module):
+    """T5 attention: no 1/sqrt(d_kv) scaling, additive bias, optional KV cache."""
+
+    num_heads: int
+    d_kv: int
+    dropout_rate: float
+    dtype: DType
+    param_dtype: DType
+
+    def _projection(self, name: str, x: Array, d_model: int) -> Array:
+        kernel_init = nn.initializers.normal(stddev=(d_model * self.d_kv) ** -0.5
+                                             if name == "query" else d_model ** -0.5)
+        return nn.DenseGeneral(
+            features=(self.num_heads, self.d_kv), axis=-1, use_bias=False, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name,
+            kernel_init=_param_init(kernel_init, ("embed", "heads", "kv")))(x)
+
+    @nn.compact
+    def __call__(self, inputs_q: Array, inputs_kv: Array, bias_BxHxQxK: Array, *,
+                 deterministic: bool, decode: bool = False,
+                 cache_index: Optional[Array] = None) -> Array:
+        d_model = inputs_q.shape[-1]
+        query_BxQxHxK = self._projection("query", inputs_q, d_model)
+        key_BxSxHxK = self._projection("key", inputs_kv, d_model)
+        value_BxSxHxK = self._projection("value", inputs_kv, d_model)
+        heads_axes = ("activation_batch", "activation_length", "activation_heads",
+                      "activation_kv")
+        query_BxQxHxK = _constrain(query_BxQxHxK, heads_axes)
+        key_BxSxHxK = _constrain(key_BxSxHxK, heads_axes)
+        value_BxSxHxK = _constrain(value_BxSxHxK, heads_axes)
+
+        if decode:
+            key_BxSxHxK, value_BxSxHxK = self._update_cache(key_BxSxHxK, value_BxSxHxK,
+                                                            cache_index)
+
+        scores_BxHxQxS = jnp.einsum("bqhk,bshk->bhqs", query_BxQxHxK, key_BxSxHxK)
+        scores_BxHxQxS = scores_BxHxQxS.astype(jnp.float32) + bias_BxHxQxK.astype(
+            jnp.float32)
+        weights_BxHxQxS = jax.nn.softmax(scores_BxHxQxS, axis=-1).astype(self.dtype)
+        weights_BxHxQxS = nn.Dropout(self.dropout_rate)(weights_BxHxQxS,
+                                                        deterministic=deterministic)
+        out_BxQxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxQxS, value_BxSxHxK)
+        out_BxQxHxK = _constrain(out_BxQxHxK, heads_axes)
+        return nn.DenseGeneral(
+            features=d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="out",
+            kernel_init=_param_init(
+                nn.initializers.normal(stddev=(self.num_heads * self.d_kv) ** -0.5),
+                ("heads", "kv", "embed")))(out_BxQxHxK)
+
+    def _update_cache(self, key_Bx1xHxK: Array, value_Bx1xHxK: Array,
+                      cache_index: Optional[Array]) -> tuple[Array, Array]:
+        """Writes this step's key/value at `cache_index`; returns the whole cache.
+
+        The first call (cache variables absent, as in `init`) only creates the
+        cache with the shape of the full-length input and leaves it untouched.
+        """
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key_Bx1xHxK.shape,
+                                   key_Bx1xHxK.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros,
+                                     value_Bx1xHxK.shape, value_Bx1xHxK.dtype)
+        if not initialized:
+            return key_Bx1xHxK, value_Bx1xHxK
+        if key_Bx1xHxK.shape[1] != 1:
+            raise ValueError(f"decode=True feeds one token per step; got length "
+                             f"{key_Bx1xHxK.shape[1]}")
+        start = (0, cache_index, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, key_Bx1xHxK.astype(cached_key.value.dtype), start)
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, value_Bx1xHxK.astype(cached_value.value.dtype), start)
+        return cached_key.value, cached_value.value
+
+
+class MlpBlock(nn.Module):
+    """Position-wise feed-forward: `wi` (or gated `wi_0` * `wi_1`), dropout, `wo`."""
+
+    d_ff: int
+    activations: tuple[str, ...]
+    dropout_rate: float
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, *, deterministic: bool) -> Array:
+        d_model = x_BxLxD.shape[-1]
+        hidden = []
+        for i, act in enumerate(self.activations):
+            name = "wi" if len(self.activations) == 1 else f"wi_{i}"
+            h_BxLxF = nn.DenseGeneral(
+                self.d_ff, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                name=name, kernel_init=_param_init(
+                    nn.initializers.normal(stddev=d_model ** -0.5), ("embed", "mlp")))(x_BxLxD)
+            hidden.append(h_BxLxF if act == "linear" else ACTIVATIONS[act](h_BxLxF))
+        h_BxLxF = functools.reduce(jnp.multiply, hidden)
+        h_BxLxF = _constrain(h_BxLxF, ("activation_batch", "activation_length",
+                                       "activation_mlp"))
+        h_BxLxF = nn.Dropout(self.dropout_rate)(h_BxLxF, deterministic=deterministic)
+        return nn.DenseGeneral(
+            d_model, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="wo", kernel_init=_param_init(
+                nn.initializers.normal(stddev=self.d_ff ** -0.5), ("mlp", "embed")))(h_BxLxF)
+
+
+_EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _layer_norm(config: T5Config, name: str) -> LayerNorm:
+    return LayerNorm(config.layer_norm_epsilon, config.dtype, config.param_dtype, name=name)
+
+
+def _attention(config: T5Config, name: str) -> MultiHeadAttention:
+    return MultiHeadAttention(config.num_heads, config.d_kv, config.dropout_rate,
+                              config.dtype, config.param_dtype, name=name)
+
+
+def _mlp(config: T5Config) -> MlpBlock:
+    return MlpBlock(config.d_ff, config.activations, config.dropout_rate, config.dtype,
+                    config.param_dtype, name="mlp")
+
+
+def _dropout(config: T5Config, x: Array, deterministic: bool) -> Array:
+    return nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
+
+
+class EncoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, bias: Array, *, deterministic: bool) -> Array:
+        c = self.config
+        y = _layer_norm(c, "pre_attention_layer_norm")(x)
+        y = _attention(c, "attention")(y, y, bias, deterministic=deterministic)
+        x = _constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        y = _layer_norm(c, "pre_mlp_layer_norm")(x)
+        y = _mlp(c)(y, deterministic=deterministic)
+        return _constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+
+
+class DecoderLayer(nn.Module):
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array, *,
+                 deterministic: bool, decode: bool, cache_index: Optional[Array]) -> Array:
+        c = self.config
+        y = _layer_norm(c, "pre_self_attention_layer_norm")(x)
+        y = _attention(c, "self_attention")(y, y, self_bias, deterministic=deterministic,
+                                            decode=decode, cache_index=cache_index)
+        x = _constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        y = _layer_norm(c, "pre_cross_attention_layer_norm")(x)
+        y = _attention(c, "encoder_decoder_attention")(y, encoded, cross_bias,
+                                                       deterministic=deterministic)
+        x = _constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        y = _layer_norm(c, "pre_mlp_layer_norm")(x)
+        y = _mlp(c)(y, deterministic=deterministic)
+        return _constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+
+
+# ----------------------------------------------------------------------------
+# Masks. Boolean masks are turned into additive biases once per stack.
+
+
+def _mask_to_bias(mask_BxHxQxK: Array) -> Array:
+    # finfo.min as HF does; fully masked rows cannot occur for real tokens.
+    return jnp.where(mask_BxHxQxK, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def _attention_mask(key_valid_BxK: Array, query_segments: Optional[Array],
+                    key_segments: Optional[Array], causal: bool = False) -> Array:
+    """`[batch, 1, q, k]` bool: key is a real token, same segment, and (causal) not ahead.
+
+    Only keys are masked (as in HF): padded query rows still get finite
+    outputs, which keeps padded positions comparable with the reference.
+    """
+    mask = key_valid_BxK[:, None, None, :]
+    if query_segments is not None:
+        mask = mask & (query_segments[:, None, :, None] == key_segments[:, None, None, :])
+    if causal:
+        k = key_valid_BxK.shape[-1]  # Causal self-attention: queries are the keys.
+        mask = mask & (jnp.arange(k)[:, None] >= jnp.arange(k)[None, :])[None, None]
+    return mask
+
+
+def _positions(tokens_BxL: Array, positions_BxL: Optional[Array]) -> Array:
+    if positions_BxL is not None:
+        return positions_BxL
+    return jnp.arange(tokens_BxL.shape[1], dtype=jnp.int32)[None, :]
+
+
+# ----------------------------------------------------------------------------
+# Stacks and the full model.
+
+
+class Encoder(nn.Module):
+    config: T5Config
+    embedder: nn.Module
+
+    @nn.compact
+    def __call__(self, tokens_BxL: Array, segment_ids_BxL: Optional[Array] = None,
+                 positions_BxL: Optional[Array] = None, *, deterministic: bool) -> Array:
+        c = self.config
+        x = self.embedder(tokens_BxL).astype(c.dtype)
+        x = _constrain(_dropout(c, x, deterministic), _EMBED_AXES)
+        pos = _positions(tokens_BxL, positions_BxL)
+        bias = RelativePositionBiases(
+            c.relative_attention_num_buckets, c.relative_attention_max_distance,
+            c.num_heads, True, c.dtype, c.param_dtype, name="relpos_bias")(pos, pos)
+        mask = _attention_mask(tokens_BxL > 0, segment_ids_BxL, segment_ids_BxL)
+        bias = bias.astype(jnp.float32) + _mask_to_bias(mask)
+        for i in range(c.num_layers):
+            x = EncoderLayer(c, name=f"layers_{i}")(x, bias, deterministic=deterministic)
+        x = _layer_norm(c, "encoder_norm")(x)
+        return _constrain(_dropout(c, x, deterministic), _EMBED_AXES)
+
+
+class Decoder(nn.Module):
+    config: T5Config
+    embedder: nn.Module
+
+    @nn.compact
+    def __call__(self, encoded: Array, encoder_tokens_BxS: Array, tokens_BxL: Array,
+                 target_tokens_BxL: Optional[Array] = None,
+                 encoder_segment_ids: Optional[Array] = None,
+                 segment_ids_BxL: Optional[Array] = None,
+                 positions_BxL: Optional[Array] = None, *,
+                 deterministic: bool, decode: bool = False) -> Array:
+        c = self.config
+        relpos = RelativePositionBiases(
+            c.relative_attention_num_buckets, c.relative_attention_max_distance,
+            c.num_heads, False, c.dtype, c.param_dtype, name="relpos_bias")
+        cache_index = None
+        if decode and self.has_variable("cache", "cache_index"):
+            self_bias, cache_index = self._decode_step_bias(relpos)
+            cross_mask = (encoder_tokens_BxS > 0)[:, None, None, :]
+        else:
+            if decode:  # Cache creation: reserve the step counter.
+                self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+            pos = _positions(tokens_BxL, positions_BxL)
+            self_bias = relpos(pos, pos)
+            # T5's start token is the pad id 0, so padding comes from the targets.
+            valid = (target_tokens_BxL > 0) if target_tokens_BxL is not None else (
+                jnp.ones(tokens_BxL.shape, bool))
+            self_mask = _attention_mask(valid, segment_ids_BxL, segment_ids_BxL, causal=True)
+            self_bias = self_bias.astype(jnp.float32) + _mask_to_bias(self_mask)
+            cross_mask = _attention_mask(encoder_tokens_BxS > 0, segment_ids_BxL,
+                                         encoder_segment_ids)
+        cross_bias = _mask_to_bias(cross_mask)
+
+        x = self.embedder(tokens_BxL).astype(c.dtype)
+        x = _constrain(_dropout(c, x, deterministic), _EMBED_AXES)
+        for i in range(c.num_decoder_layers):
+            x = DecoderLayer(c, name=f"layers_{i}")(
+                x, encoded, self_bias, cross_bias, deterministic=deterministic,
+                decode=decode, cache_index=cache_index)
+        x = _layer_norm(c, "decoder_norm")(x)
+        x = _dropout(c, x, deterministic)
+        return self._logits(x)
+
+    def _decode_step_bias(self, relpos: RelativePositionBiases) -> tuple[Array, Array]:
+        """Bias of the single query at the cache index over all cached keys."""
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        cur = index.value
+        max_length = self._cache_length()
+        key_pos = jnp.arange(max_length, dtype=jnp.int32)[None, :]
+        bias = relpos(jnp.reshape(cur, (1, 1)), key_pos)
+        mask = (key_pos <= cur)[:, None, None, :]
+        index.value = cur + 1
+        return bias.astype(jnp.float32) + _mask_to_bias(mask), cur
+
+    def _cache_length(self) -> int:
+        cache = self.scope.variables()["cache"]
+        return cache["layers_0"]["self_attention"]["cached_key"].shape[1]
+
+    def _logits(self, x_BxLxD: Array) -> Array:
+        c = self.config
+        if c.scale_decoder_outputs:
+            x_BxLxD = x_BxLxD * (c.d_model ** -0.5)
+        if c.tie_word_embeddings:
+            logits = self.embedder.attend(x_BxLxD.astype(c.dtype))
+        else:
+            logits = nn.DenseGeneral(
+                c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+                name="logits_dense", kernel_init=_param_init(
+                    nn.initializers.normal(stddev=c.d_model ** -0.5), ("embed", "vocab")))(
+                        x_BxLxD)
+        logits = logits.astype(jnp.float32)
+        return _constrain(logits, ("activation_batch", "activation_length",
+                                   "activation_vocab"))
+
+
+class Transformer(nn.Module):
+    """T5 encoder-decoder with t5x's call signature. Returns fp32 logits `[B, L, V]`."""
+
+    config: T5Config
+
+    def setup(self):
+        c = self.config
+        self.token_embedder = nn.Embed(
+            c.vocab_size, c.d_model, dtype=c.dtype, param_dtype=c.param_dtype,
+            embedding_init=_param_init(nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
+        self.encoder = Encoder(c, self.token_embedder)
+        self.decoder = Decoder(c, self.token_embedder)
+
+    def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+               encoder_positions: Optional[Array] = None, *,
+               enable_dropout: bool = False) -> Array:
+        """Encoder output `[batch, length, d_model]` in the compute dtype."""
+        return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                            deterministic=not enable_dropout)
+
+    def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Optional[Array] = None,
+               encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               decoder_positions: Optional[Array] = None, *, enable_dropout: bool = False,
+               decode: bool = False) -> Array:
+        """Logits from the decoder. With `decode=True`, one token per call and a cache.
+
+        The cache is created by a call with `decode=True` on full-length inputs
+        (see `init_cache`); after that each call consumes `[batch, 1]` tokens.
+        """
+        return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
+                            decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                            decoder_positions, deterministic=not enable_dropout,
+                            decode=decode)
+
+    def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+                 decoder_target_tokens: Optional[Array] = None,
+                 encoder_segment_ids: Optional[Array] = None,
+                 decoder_segment_ids: Optional[Array] = None,
+                 encoder_positions: Optional[Array] = None,
+                 decoder_positions: Optional[Array] = None, *,
+                 enable_dropout: bool = False, decode: bool = False) -> Array:
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                              enable_dropout=enable_dropout)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                           decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                           decoder_positions, enable_dropout=enable_dropout, decode=decode)
+
+
+# ----------------------------------------------------------------------------
+# Shapes, counts and the decoding cache, all without allocating params.
+
+
+def _dummy_inputs(batch: int, encoder_length: int, decoder_length: int):
+    return (jnp.ones((batch, encoder_length), jnp.int32),
+            jnp.ones((batch, decoder_length), jnp.int32))
+
+
+def abstract_variables(config: T5Config, batch: int = 1, encoder_length: int = 8,
+                       decoder_length: int = 8) -> dict:
+    """`jax.eval_shape` of `init`: boxed ShapeDtypeStructs, no memory allocated."""
+    model = Transformer(config)
+    enc, dec = _dummy_inputs(batch, encoder_length, decoder_length)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), enc, dec))
+
+
+def param_count(config: T5Config) -> int:
+    """Number of parameters, from shapes only."""
+    params = nn.unbox(abstract_variables(config)["params"])
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+
+
+def init_cache(config: T5Config, batch: int, max_decode_length: int,
+               encoder_length: int) -> dict:
+    """Zeroed `cache` collection for `decode=True` steps of up to `max_decode_length`."""
+    model = Transformer(config)
+    enc, dec = _dummy_inputs(batch, encoder_length, max_decode_length)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), enc, dec, decode=True))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))

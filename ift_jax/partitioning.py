@@ -1,0 +1,154 @@
+"""The one place for mesh axes, logical-axis rules and shardings.
+
+Models name every param and main activation with *logical* axes (`embed`,
+`mlp`, `heads`, `activation_batch`, ...). This module maps them onto the
+three *mesh* axes:
+
+- `data`: pure data parallelism (params replicated),
+- `fsdp`: data parallelism with params (and optimizer state) sharded on `embed`,
+- `tensor`: Megatron-style model parallelism over heads / mlp / vocab.
+
+Rules are tried in order; an axis whose mesh axis is already used by an
+earlier dimension of the same array falls through to the next rule (flax's
+semantics), and names without a rule are replicated.
+
+Typical use (what `sharded_init` does, following the Flax lm1b example)::
+
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    abstract = jax.eval_shape(init_fn, rng)            # boxed, no memory
+    shardings = logical_shardings(abstract, mesh)      # NamedSharding tree
+    variables = jax.jit(init_fn, out_shardings=shardings)(rng)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LogicalRules = Sequence[tuple[str, Optional[str | tuple[str, ...]]]]
+
+# Params: `embed` carries FSDP; heads/mlp/vocab carry tensor parallelism.
+# Activations use their own names so batch (data+fsdp) never clashes with
+# the param rule for `embed`.
+DEFAULT_RULES: LogicalRules = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("relpos_buckets", None),
+    ("prompt_length", None),
+)
+
+# Batch arrays (tokens, segment ids, ...) are [batch, length].
+BATCH_AXES = ("activation_batch", "activation_length")
+
+
+def make_mesh(axis_sizes: Mapping[str, int] | Sequence[int],
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """Builds a `Mesh` over `MESH_AXES`; one size may be -1 to take the remaining devices.
+
+    Args:
+      axis_sizes: `{"data": d, "fsdp": f, "tensor": t}` (missing axes are 1) or
+        a sequence of three sizes in `MESH_AXES` order.
+      devices: defaults to `jax.devices()` (all hosts).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = _resolve_sizes(axis_sizes, len(devices))
+    try:
+        device_array = mesh_utils.create_device_mesh(sizes, devices)
+    except (AssertionError, NotImplementedError, ValueError):
+        # Fake CPU devices and odd shapes have no physical topology to follow.
+        device_array = np.asarray(devices).reshape(sizes)
+    return Mesh(device_array, MESH_AXES)
+
+
+def _resolve_sizes(axis_sizes: Mapping[str, int] | Sequence[int],
+                   num_devices: int) -> tuple[int, ...]:
+    if isinstance(axis_sizes, Mapping):
+        unknown = set(axis_sizes) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; mesh axes are {MESH_AXES}")
+        sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
+    else:
+        sizes = [int(s) for s in axis_sizes]
+        if len(sizes) != len(MESH_AXES):
+            raise ValueError(f"mesh needs {len(MESH_AXES)} sizes {MESH_AXES}, got {sizes}")
+    fill = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if fill:
+        known = math.prod(s for s in sizes if s != -1)
+        if known <= 0 or num_devices % known:
+            raise ValueError(f"cannot fill mesh {dict(zip(MESH_AXES, sizes))} with "
+                             f"{num_devices} devices")
+        sizes[fill[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                         f"devices, {num_devices} are available")
+    return tuple(sizes)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """Makes `mesh` and `rules` current so activation constraints take effect."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def logical_specs(boxed_tree: Any) -> Any:
+    """Tree of logical `PartitionSpec`s (axis names) from boxed params/variables."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh,
+                      rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """`NamedSharding` per leaf of a boxed tree (e.g. from `jax.eval_shape(init)`)."""
+    return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of `[batch, length]` input arrays."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(BATCH_AXES, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh,
+                 rules: LogicalRules = DEFAULT_RULES) -> tuple[Any, Any]:
+    """Initializes variables directly in their shards; nothing is built whole first.
+
+    Args:
+      init_fn: `rng -> boxed variables`, e.g. `lambda r: model.init(r, *dummy)`.
+
+    Returns:
+      `(variables, shardings)`: unboxed arrays placed by their logical axes,
+      and the matching `NamedSharding` tree.
+    """
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = logical_shardings(abstract, mesh, rules)
+
+    def unboxed_init(r):
+        return nn.unbox(init_fn(r))
+
+    with mesh_context(mesh, rules):
+        variables = jax.jit(unboxed_init, out_shardings=shardings)(rng)
+    return variables, shardings

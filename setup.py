@@ -1,0 +1,42 @@
+"""ift_jax: instruction fine-tuning of T5-family models in JAX."""
+
+import setuptools
+
+# Ranges are the ones checked to install and work together (see README).
+INSTALL_REQUIRES = [
+    "jax>=0.10,<0.11",
+    "jaxlib>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "numpy>=1.26,<3",
+    "ml_dtypes>=0.5",
+    "safetensors>=0.4,<0.9",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest>=8,<10",
+    ],
+    # Parity tests against the reference and importing `.bin` checkpoints.
+    # torch is pinned exactly: a looser range pulls a multi-GB CUDA build.
+    "hf": [
+        "torch==2.13.0",
+        "transformers>=5,<6",
+        "safetensors>=0.4,<0.9",
+    ],
+    "gpu": ["jax[cuda13]>=0.10,<0.11"],
+    "tpu": ["jax[tpu]>=0.10,<0.11"],
+}
+
+setuptools.setup(
+    name="ift-jax",
+    version="0.1.0",
+    description="Instruction fine-tuning of T5-family models in JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["ift_jax", "ift_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["ift-jax=ift_jax.cli:main"]},
+    license="Apache-2.0",
+)
