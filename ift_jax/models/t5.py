@@ -157,6 +157,33 @@ def _constrain(x: Array, axes: tuple[Optional[str], ...]) -> Array:
     return nn.with_logical_constraint(x, axes)
 
 
+class DenseGeneral(nn.Module):
+    """Bias-free projection contracting the trailing `num_contract` input axes.
+
+    The kernel is stored with its full shape (e.g. `[embed, heads, kv]`), so
+    its logical axes stay valid under a mesh (flax's DenseGeneral initializes
+    a flattened kernel, which breaks multi-axis logical constraints).
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    stddev: float
+    num_contract: int = 1
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        contract = tuple(range(x.ndim - self.num_contract, x.ndim))
+        shape = tuple(x.shape[a] for a in contract) + tuple(self.features)
+        kernel = self.param(
+            "kernel", _param_init(nn.initializers.normal(stddev=self.stddev), self.kernel_axes),
+            shape, self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        dims = ((contract, tuple(range(self.num_contract))), ((), ()))
+        return jax.lax.dot_general(x, kernel, dims)
+
+
 class LayerNorm(nn.Module):
     """T5's RMS norm: no mean subtraction, no bias, variance in fp32."""
 
@@ -234,12 +261,9 @@ class MultiHeadAttention(nn.Module):
     param_dtype: DType
 
     def _projection(self, name: str, x: Array, d_model: int) -> Array:
-        kernel_init = nn.initializers.normal(stddev=(d_model * self.d_kv) ** -0.5
-                                             if name == "query" else d_model ** -0.5)
-        return nn.DenseGeneral(
-            features=(self.num_heads, self.d_kv), axis=-1, use_bias=False, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name,
-            kernel_init=_param_init(kernel_init, ("embed", "heads", "kv")))(x)
+        stddev = (d_model * self.d_kv) ** -0.5 if name == "query" else d_model ** -0.5
+        return DenseGeneral((self.num_heads, self.d_kv), ("embed", "heads", "kv"), stddev,
+                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
 
     @nn.compact
     def __call__(self, inputs_q: Array, inputs_kv: Array, bias_BxHxQxK: Array, *,
@@ -267,12 +291,10 @@ class MultiHeadAttention(nn.Module):
                                                         deterministic=deterministic)
         out_BxQxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxQxS, value_BxSxHxK)
         out_BxQxHxK = _constrain(out_BxQxHxK, heads_axes)
-        return nn.DenseGeneral(
-            features=d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="out",
-            kernel_init=_param_init(
-                nn.initializers.normal(stddev=(self.num_heads * self.d_kv) ** -0.5),
-                ("heads", "kv", "embed")))(out_BxQxHxK)
+        return DenseGeneral((d_model,), ("heads", "kv", "embed"),
+                            (self.num_heads * self.d_kv) ** -0.5, num_contract=2,
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="out")(out_BxQxHxK)
 
     def _update_cache(self, key_Bx1xHxK: Array, value_Bx1xHxK: Array,
                       cache_index: Optional[Array]) -> tuple[Array, Array]:
@@ -314,19 +336,16 @@ class MlpBlock(nn.Module):
         hidden = []
         for i, act in enumerate(self.activations):
             name = "wi" if len(self.activations) == 1 else f"wi_{i}"
-            h_BxLxF = nn.DenseGeneral(
-                self.d_ff, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                name=name, kernel_init=_param_init(
-                    nn.initializers.normal(stddev=d_model ** -0.5), ("embed", "mlp")))(x_BxLxD)
+            h_BxLxF = DenseGeneral((self.d_ff,), ("embed", "mlp"), d_model ** -0.5,
+                                   dtype=self.dtype, param_dtype=self.param_dtype,
+                                   name=name)(x_BxLxD)
             hidden.append(h_BxLxF if act == "linear" else ACTIVATIONS[act](h_BxLxF))
         h_BxLxF = functools.reduce(jnp.multiply, hidden)
         h_BxLxF = _constrain(h_BxLxF, ("activation_batch", "activation_length",
                                        "activation_mlp"))
         h_BxLxF = nn.Dropout(self.dropout_rate)(h_BxLxF, deterministic=deterministic)
-        return nn.DenseGeneral(
-            d_model, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="wo", kernel_init=_param_init(
-                nn.initializers.normal(stddev=self.d_ff ** -0.5), ("mlp", "embed")))(h_BxLxF)
+        return DenseGeneral((d_model,), ("mlp", "embed"), self.d_ff ** -0.5, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="wo")(h_BxLxF)
 
 
 _EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -506,11 +525,9 @@ class Decoder(nn.Module):
         if c.tie_word_embeddings:
             logits = self.embedder.attend(x_BxLxD.astype(c.dtype))
         else:
-            logits = nn.DenseGeneral(
-                c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-                name="logits_dense", kernel_init=_param_init(
-                    nn.initializers.normal(stddev=c.d_model ** -0.5), ("embed", "vocab")))(
-                        x_BxLxD)
+            logits = DenseGeneral((c.vocab_size,), ("embed", "vocab"), c.d_model ** -0.5,
+                                  dtype=c.dtype, param_dtype=c.param_dtype,
+                                  name="logits_dense")(x_BxLxD)
         logits = logits.astype(jnp.float32)
         return _constrain(logits, ("activation_batch", "activation_length",
                                    "activation_vocab"))
