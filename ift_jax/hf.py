@@ -164,7 +164,7 @@ def config_from_hf(hf_config: dict[str, Any], *, tie_word_embeddings: bool,
         return T5Config(**values, tie_word_embeddings=tie_word_embeddings,
                         scale_decoder_outputs=scale, **overrides)
     except ValueError as e:
-        raise CheckpointError(f"config.json: {e}") from None
+        raise CheckpointError(f"config.json: {_first_line(e)}") from None
 
 
 def config_to_hf(c: T5Config) -> dict[str, Any]:
@@ -202,6 +202,10 @@ def _read_json(path: str) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _weight_files(hf_dir: str) -> tuple[str, list[str]]:
     """(`safetensors` | `torch`, files) in the order HF prefers them."""
     for index, kind in ((SAFETENSORS_INDEX, "safetensors"), (TORCH_BIN_INDEX, "torch")):
@@ -228,7 +232,7 @@ def _read_safetensors(files: Iterable[str]) -> dict[str, np.ndarray]:
         try:
             tensors.update(load_file(f))
         except Exception as e:  # safetensors raises its own error types.
-            raise CheckpointError(f"cannot read {f}: {e}") from None
+            raise CheckpointError(f"cannot read {f}: {_first_line(e)}") from None
     return tensors
 
 
@@ -245,7 +249,7 @@ def _read_torch(files: Iterable[str]) -> dict[str, np.ndarray]:
             state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"cannot read {f} with torch.load(weights_only=True): "
-                                  f"{e}") from None
+                                  f"{_first_line(e)}") from None
         tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
                         for k, v in state.items()})
     return tensors

@@ -6,6 +6,10 @@ What this module owns:
   the presets (`tiny`, T5 1.1 / FLAN-T5 `small` ... `xxl`).
 - `Transformer`: the encoder-decoder with the t5x-compatible `__call__`, and
   `encode` / `decode` for generation with an autoregressive KV cache.
+- Shape-only helpers: `abstract_variables`, `param_count`, `init_cache`.
+
+The building blocks (attention, MLP, norms, relative position biases) live
+in `ift_jax.models.layers`.
 
 Param tree (t5x T5 1.1 naming, so t5x and HF checkpoints map one-to-one)::
 
@@ -36,30 +40,18 @@ position buckets computed exactly as HF's `_relative_position_bucket`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from ift_jax.models import layers
+from ift_jax.models.layers import relative_position_bucket  # noqa: F401 (public)
 
 Array = jax.Array
 DType = Any
-
-# Activation names as HF's ACT2FN spells them (the part after `gated-`).
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +99,10 @@ class T5Config:
         name = self.feed_forward_proj.removeprefix("gated-")
         if self.feed_forward_proj == "gated-gelu":
             name = "gelu_new"  # What HF (and mesh-tf) mean by gated-gelu.
-        if name not in ACTIVATIONS:
+        if name not in layers.ACTIVATIONS:
             raise ValueError(
                 f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use "
-                f"'<act>' or 'gated-<act>' with <act> one of {sorted(ACTIVATIONS)}"
+                f"'<act>' or 'gated-<act>' with <act> one of {sorted(layers.ACTIVATIONS)}"
             )
         return (name, "linear") if self.is_gated else (name,)
 
@@ -145,223 +137,21 @@ def get_config(name: str, **overrides) -> T5Config:
     return PRESETS[name].replace(**overrides)
 
 
-# ----------------------------------------------------------------------------
-# Building blocks.
-
-
-def _param_init(init: Callable, axes: tuple[Optional[str], ...]) -> Callable:
-    return nn.with_logical_partitioning(init, axes)
-
-
-def _constrain(x: Array, axes: tuple[Optional[str], ...]) -> Array:
-    return nn.with_logical_constraint(x, axes)
-
-
-class DenseGeneral(nn.Module):
-    """Bias-free projection contracting the trailing `num_contract` input axes.
-
-    The kernel is stored with its full shape (e.g. `[embed, heads, kv]`), so
-    its logical axes stay valid under a mesh (flax's DenseGeneral initializes
-    a flattened kernel, which breaks multi-axis logical constraints).
-    """
-
-    features: tuple[int, ...]
-    kernel_axes: tuple[str, ...]
-    stddev: float
-    num_contract: int = 1
-    dtype: DType = jnp.float32
-    param_dtype: DType = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        contract = tuple(range(x.ndim - self.num_contract, x.ndim))
-        shape = tuple(x.shape[a] for a in contract) + tuple(self.features)
-        kernel = self.param(
-            "kernel", _param_init(nn.initializers.normal(stddev=self.stddev), self.kernel_axes),
-            shape, self.param_dtype)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        dims = ((contract, tuple(range(self.num_contract))), ((), ()))
-        return jax.lax.dot_general(x, kernel, dims)
-
-
-class LayerNorm(nn.Module):
-    """T5's RMS norm: no mean subtraction, no bias, variance in fp32."""
-
-    epsilon: float
-    dtype: DType
-    param_dtype: DType
-
-    @nn.compact
-    def __call__(self, x_BxLxD: Array) -> Array:
-        d = x_BxLxD.shape[-1]
-        scale = self.param("scale", _param_init(nn.initializers.ones, ("embed",)),
-                           (d,), self.param_dtype)
-        x = x_BxLxD.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
-        return (x * scale.astype(jnp.float32)).astype(self.dtype)
-
-
-def relative_position_bucket(relative_position: Array, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> Array:
-    """HF's `_relative_position_bucket`, op for op (memory position - query position)."""
-    buckets = jnp.zeros_like(relative_position)
-    if bidirectional:
-        num_buckets //= 2
-        buckets += (relative_position > 0).astype(relative_position.dtype) * num_buckets
-        relative_position = jnp.abs(relative_position)
-    else:
-        relative_position = -jnp.minimum(relative_position, 0)
-    max_exact = num_buckets // 2
-    is_small = relative_position < max_exact
-    # Clamp before the log so exact (small) positions never take log(0).
-    safe = jnp.maximum(relative_position, max_exact).astype(jnp.float32)
-    large = max_exact + (
-        jnp.log(safe / max_exact) / np.float32(math.log(max_distance / max_exact))
-        * (num_buckets - max_exact)
-    ).astype(relative_position.dtype)
-    large = jnp.minimum(large, num_buckets - 1)
-    return buckets + jnp.where(is_small, relative_position, large)
-
-
-class RelativePositionBiases(nn.Module):
-    """Per-head bias from bucketed relative positions, shared by all layers of a stack."""
-
-    num_buckets: int
-    max_distance: int
-    num_heads: int
-    bidirectional: bool
-    dtype: DType
-    param_dtype: DType
-
-    @nn.compact
-    def __call__(self, query_pos_BxQ: Array, key_pos_BxK: Array) -> Array:
-        """Returns the bias `[batch, heads, q, k]` (batch may be 1 for broadcasting)."""
-        rel_embedding = self.param(
-            "rel_embedding",
-            _param_init(nn.initializers.normal(stddev=1.0), ("heads", "relpos_buckets")),
-            (self.num_heads, self.num_buckets), self.param_dtype)
-        relative_BxQxK = key_pos_BxK[:, None, :] - query_pos_BxQ[:, :, None]
-        bucket_BxQxK = relative_position_bucket(
-            relative_BxQxK.astype(jnp.int32), self.bidirectional, self.num_buckets,
-            self.max_distance)
-        # One-hot contraction (as t5x) rather than a gather: cheap, and shards cleanly.
-        onehot_BxQxKxR = jax.nn.one_hot(bucket_BxQxK, self.num_buckets, dtype=self.dtype)
-        bias_BxHxQxK = jnp.einsum("hr,bqkr->bhqk", rel_embedding.astype(self.dtype),
-                                  onehot_BxQxKxR)
-        return bias_BxHxQxK
-
-
-class MultiHeadAttention(nn.Module):
-    """T5 attention: no 1/sqrt(d_kv) scaling, additive bias, optional KV cache."""
-
-    num_heads: int
-    d_kv: int
-    dropout_rate: float
-    dtype: DType
-    param_dtype: DType
-
-    def _projection(self, name: str, x: Array, d_model: int) -> Array:
-        stddev = (d_model * self.d_kv) ** -0.5 if name == "query" else d_model ** -0.5
-        return DenseGeneral((self.num_heads, self.d_kv), ("embed", "heads", "kv"), stddev,
-                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
-
-    @nn.compact
-    def __call__(self, inputs_q: Array, inputs_kv: Array, bias_BxHxQxK: Array, *,
-                 deterministic: bool, decode: bool = False,
-                 cache_index: Optional[Array] = None) -> Array:
-        d_model = inputs_q.shape[-1]
-        query_BxQxHxK = self._projection("query", inputs_q, d_model)
-        key_BxSxHxK = self._projection("key", inputs_kv, d_model)
-        value_BxSxHxK = self._projection("value", inputs_kv, d_model)
-        heads_axes = ("activation_batch", "activation_length", "activation_heads",
-                      "activation_kv")
-        query_BxQxHxK = _constrain(query_BxQxHxK, heads_axes)
-        key_BxSxHxK = _constrain(key_BxSxHxK, heads_axes)
-        value_BxSxHxK = _constrain(value_BxSxHxK, heads_axes)
-
-        if decode:
-            key_BxSxHxK, value_BxSxHxK = self._update_cache(key_BxSxHxK, value_BxSxHxK,
-                                                            cache_index)
-
-        scores_BxHxQxS = jnp.einsum("bqhk,bshk->bhqs", query_BxQxHxK, key_BxSxHxK)
-        scores_BxHxQxS = scores_BxHxQxS.astype(jnp.float32) + bias_BxHxQxK.astype(
-            jnp.float32)
-        weights_BxHxQxS = jax.nn.softmax(scores_BxHxQxS, axis=-1).astype(self.dtype)
-        weights_BxHxQxS = nn.Dropout(self.dropout_rate)(weights_BxHxQxS,
-                                                        deterministic=deterministic)
-        out_BxQxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxQxS, value_BxSxHxK)
-        out_BxQxHxK = _constrain(out_BxQxHxK, heads_axes)
-        return DenseGeneral((d_model,), ("heads", "kv", "embed"),
-                            (self.num_heads * self.d_kv) ** -0.5, num_contract=2,
-                            dtype=self.dtype, param_dtype=self.param_dtype,
-                            name="out")(out_BxQxHxK)
-
-    def _update_cache(self, key_Bx1xHxK: Array, value_Bx1xHxK: Array,
-                      cache_index: Optional[Array]) -> tuple[Array, Array]:
-        """Writes this step's key/value at `cache_index`; returns the whole cache.
-
-        The first call (cache variables absent, as in `init`) only creates the
-        cache with the shape of the full-length input and leaves it untouched.
-        """
-        initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key_Bx1xHxK.shape,
-                                   key_Bx1xHxK.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros,
-                                     value_Bx1xHxK.shape, value_Bx1xHxK.dtype)
-        if not initialized:
-            return key_Bx1xHxK, value_Bx1xHxK
-        if key_Bx1xHxK.shape[1] != 1:
-            raise ValueError(f"decode=True feeds one token per step; got length "
-                             f"{key_Bx1xHxK.shape[1]}")
-        start = (0, cache_index, 0, 0)
-        cached_key.value = jax.lax.dynamic_update_slice(
-            cached_key.value, key_Bx1xHxK.astype(cached_key.value.dtype), start)
-        cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, value_Bx1xHxK.astype(cached_value.value.dtype), start)
-        return cached_key.value, cached_value.value
-
-
-class MlpBlock(nn.Module):
-    """Position-wise feed-forward: `wi` (or gated `wi_0` * `wi_1`), dropout, `wo`."""
-
-    d_ff: int
-    activations: tuple[str, ...]
-    dropout_rate: float
-    dtype: DType
-    param_dtype: DType
-
-    @nn.compact
-    def __call__(self, x_BxLxD: Array, *, deterministic: bool) -> Array:
-        d_model = x_BxLxD.shape[-1]
-        hidden = []
-        for i, act in enumerate(self.activations):
-            name = "wi" if len(self.activations) == 1 else f"wi_{i}"
-            h_BxLxF = DenseGeneral((self.d_ff,), ("embed", "mlp"), d_model ** -0.5,
-                                   dtype=self.dtype, param_dtype=self.param_dtype,
-                                   name=name)(x_BxLxD)
-            hidden.append(h_BxLxF if act == "linear" else ACTIVATIONS[act](h_BxLxF))
-        h_BxLxF = functools.reduce(jnp.multiply, hidden)
-        h_BxLxF = _constrain(h_BxLxF, ("activation_batch", "activation_length",
-                                       "activation_mlp"))
-        h_BxLxF = nn.Dropout(self.dropout_rate)(h_BxLxF, deterministic=deterministic)
-        return DenseGeneral((d_model,), ("mlp", "embed"), self.d_ff ** -0.5, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="wo")(h_BxLxF)
-
-
 _EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
-def _layer_norm(config: T5Config, name: str) -> LayerNorm:
-    return LayerNorm(config.layer_norm_epsilon, config.dtype, config.param_dtype, name=name)
+def _layer_norm(config: T5Config, name: str) -> layers.LayerNorm:
+    return layers.LayerNorm(config.layer_norm_epsilon, config.dtype, config.param_dtype,
+                            name=name)
 
 
-def _attention(config: T5Config, name: str) -> MultiHeadAttention:
-    return MultiHeadAttention(config.num_heads, config.d_kv, config.dropout_rate,
+def _attention(config: T5Config, name: str) -> layers.MultiHeadAttention:
+    return layers.MultiHeadAttention(config.num_heads, config.d_kv, config.dropout_rate,
                               config.dtype, config.param_dtype, name=name)
 
 
-def _mlp(config: T5Config) -> MlpBlock:
-    return MlpBlock(config.d_ff, config.activations, config.dropout_rate, config.dtype,
+def _mlp(config: T5Config) -> layers.MlpBlock:
+    return layers.MlpBlock(config.d_ff, config.activations, config.dropout_rate, config.dtype,
                     config.param_dtype, name="mlp")
 
 
@@ -377,10 +167,10 @@ class EncoderLayer(nn.Module):
         c = self.config
         y = _layer_norm(c, "pre_attention_layer_norm")(x)
         y = _attention(c, "attention")(y, y, bias, deterministic=deterministic)
-        x = _constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
         y = _layer_norm(c, "pre_mlp_layer_norm")(x)
         y = _mlp(c)(y, deterministic=deterministic)
-        return _constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        return layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
 
 
 class DecoderLayer(nn.Module):
@@ -393,14 +183,14 @@ class DecoderLayer(nn.Module):
         y = _layer_norm(c, "pre_self_attention_layer_norm")(x)
         y = _attention(c, "self_attention")(y, y, self_bias, deterministic=deterministic,
                                             decode=decode, cache_index=cache_index)
-        x = _constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
         y = _layer_norm(c, "pre_cross_attention_layer_norm")(x)
         y = _attention(c, "encoder_decoder_attention")(y, encoded, cross_bias,
                                                        deterministic=deterministic)
-        x = _constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
         y = _layer_norm(c, "pre_mlp_layer_norm")(x)
         y = _mlp(c)(y, deterministic=deterministic)
-        return _constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        return layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
 
 
 # ----------------------------------------------------------------------------
@@ -447,9 +237,9 @@ class Encoder(nn.Module):
                  positions_BxL: Optional[Array] = None, *, deterministic: bool) -> Array:
         c = self.config
         x = self.embedder(tokens_BxL).astype(c.dtype)
-        x = _constrain(_dropout(c, x, deterministic), _EMBED_AXES)
+        x = layers.constrain(_dropout(c, x, deterministic), _EMBED_AXES)
         pos = _positions(tokens_BxL, positions_BxL)
-        bias = RelativePositionBiases(
+        bias = layers.RelativePositionBiases(
             c.relative_attention_num_buckets, c.relative_attention_max_distance,
             c.num_heads, True, c.dtype, c.param_dtype, name="relpos_bias")(pos, pos)
         mask = _attention_mask(tokens_BxL > 0, segment_ids_BxL, segment_ids_BxL)
@@ -457,7 +247,7 @@ class Encoder(nn.Module):
         for i in range(c.num_layers):
             x = EncoderLayer(c, name=f"layers_{i}")(x, bias, deterministic=deterministic)
         x = _layer_norm(c, "encoder_norm")(x)
-        return _constrain(_dropout(c, x, deterministic), _EMBED_AXES)
+        return layers.constrain(_dropout(c, x, deterministic), _EMBED_AXES)
 
 
 class Decoder(nn.Module):
@@ -472,7 +262,7 @@ class Decoder(nn.Module):
                  positions_BxL: Optional[Array] = None, *,
                  deterministic: bool, decode: bool = False) -> Array:
         c = self.config
-        relpos = RelativePositionBiases(
+        relpos = layers.RelativePositionBiases(
             c.relative_attention_num_buckets, c.relative_attention_max_distance,
             c.num_heads, False, c.dtype, c.param_dtype, name="relpos_bias")
         cache_index = None
@@ -494,7 +284,7 @@ class Decoder(nn.Module):
         cross_bias = _mask_to_bias(cross_mask)
 
         x = self.embedder(tokens_BxL).astype(c.dtype)
-        x = _constrain(_dropout(c, x, deterministic), _EMBED_AXES)
+        x = layers.constrain(_dropout(c, x, deterministic), _EMBED_AXES)
         for i in range(c.num_decoder_layers):
             x = DecoderLayer(c, name=f"layers_{i}")(
                 x, encoded, self_bias, cross_bias, deterministic=deterministic,
@@ -503,7 +293,7 @@ class Decoder(nn.Module):
         x = _dropout(c, x, deterministic)
         return self._logits(x)
 
-    def _decode_step_bias(self, relpos: RelativePositionBiases) -> tuple[Array, Array]:
+    def _decode_step_bias(self, relpos: layers.RelativePositionBiases) -> tuple[Array, Array]:
         """Bias of the single query at the cache index over all cached keys."""
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         cur = index.value
@@ -525,11 +315,11 @@ class Decoder(nn.Module):
         if c.tie_word_embeddings:
             logits = self.embedder.attend(x_BxLxD.astype(c.dtype))
         else:
-            logits = DenseGeneral((c.vocab_size,), ("embed", "vocab"), c.d_model ** -0.5,
-                                  dtype=c.dtype, param_dtype=c.param_dtype,
-                                  name="logits_dense")(x_BxLxD)
+            logits = layers.DenseGeneral(
+                (c.vocab_size,), ("embed", "vocab"), c.d_model ** -0.5, dtype=c.dtype,
+                param_dtype=c.param_dtype, name="logits_dense")(x_BxLxD)
         logits = logits.astype(jnp.float32)
-        return _constrain(logits, ("activation_batch", "activation_length",
+        return layers.constrain(logits, ("activation_batch", "activation_length",
                                    "activation_vocab"))
 
 
@@ -542,7 +332,8 @@ class Transformer(nn.Module):
         c = self.config
         self.token_embedder = nn.Embed(
             c.vocab_size, c.d_model, dtype=c.dtype, param_dtype=c.param_dtype,
-            embedding_init=_param_init(nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
+            embedding_init=layers.param_init(nn.initializers.normal(stddev=1.0),
+                                             ("vocab", "embed")))
         self.encoder = Encoder(c, self.token_embedder)
         self.decoder = Decoder(c, self.token_embedder)
 

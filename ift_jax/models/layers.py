@@ -1,0 +1,232 @@
+"""T5 building blocks: projections, RMS norm, relative position biases, attention, MLP.
+
+Each param is created with its logical axis names; activations are
+constrained with logical names too (a no-op unless a mesh and rules are
+current, see `ift_jax.partitioning.mesh_context`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+
+# Activation names as HF's ACT2FN spells them (the part after `gated-`).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
+
+
+def param_init(init: Callable, axes: tuple[Optional[str], ...]) -> Callable:
+    return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x: Array, axes: tuple[Optional[str], ...]) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class DenseGeneral(nn.Module):
+    """Bias-free projection contracting the trailing `num_contract` input axes.
+
+    The kernel is stored with its full shape (e.g. `[embed, heads, kv]`), so
+    its logical axes stay valid under a mesh (flax's DenseGeneral initializes
+    a flattened kernel, which breaks multi-axis logical constraints).
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    stddev: float
+    num_contract: int = 1
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        contract = tuple(range(x.ndim - self.num_contract, x.ndim))
+        shape = tuple(x.shape[a] for a in contract) + tuple(self.features)
+        kernel = self.param(
+            "kernel", param_init(nn.initializers.normal(stddev=self.stddev), self.kernel_axes),
+            shape, self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        dims = ((contract, tuple(range(self.num_contract))), ((), ()))
+        return jax.lax.dot_general(x, kernel, dims)
+
+
+class LayerNorm(nn.Module):
+    """T5's RMS norm: no mean subtraction, no bias, variance in fp32."""
+
+    epsilon: float
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array) -> Array:
+        d = x_BxLxD.shape[-1]
+        scale = self.param("scale", param_init(nn.initializers.ones, ("embed",)),
+                           (d,), self.param_dtype)
+        x = x_BxLxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+        return (x * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> Array:
+    """HF's `_relative_position_bucket`, op for op (memory position - query position)."""
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).astype(relative_position.dtype) * num_buckets
+        relative_position = jnp.abs(relative_position)
+    else:
+        relative_position = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    # Clamp before the log so exact (small) positions never take log(0).
+    safe = jnp.maximum(relative_position, max_exact).astype(jnp.float32)
+    large = max_exact + (
+        jnp.log(safe / max_exact) / np.float32(math.log(max_distance / max_exact))
+        * (num_buckets - max_exact)
+    ).astype(relative_position.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, relative_position, large)
+
+
+class RelativePositionBiases(nn.Module):
+    """Per-head bias from bucketed relative positions, shared by all layers of a stack."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, query_pos_BxQ: Array, key_pos_BxK: Array) -> Array:
+        """Returns the bias `[batch, heads, q, k]` (batch may be 1 for broadcasting)."""
+        rel_embedding = self.param(
+            "rel_embedding",
+            param_init(nn.initializers.normal(stddev=1.0), ("heads", "relpos_buckets")),
+            (self.num_heads, self.num_buckets), self.param_dtype)
+        relative_BxQxK = key_pos_BxK[:, None, :] - query_pos_BxQ[:, :, None]
+        bucket_BxQxK = relative_position_bucket(
+            relative_BxQxK.astype(jnp.int32), self.bidirectional, self.num_buckets,
+            self.max_distance)
+        # One-hot contraction (as t5x) rather than a gather: cheap, and shards cleanly.
+        onehot_BxQxKxR = jax.nn.one_hot(bucket_BxQxK, self.num_buckets, dtype=self.dtype)
+        bias_BxHxQxK = jnp.einsum("hr,bqkr->bhqk", rel_embedding.astype(self.dtype),
+                                  onehot_BxQxKxR)
+        return bias_BxHxQxK
+
+
+class MultiHeadAttention(nn.Module):
+    """T5 attention: no 1/sqrt(d_kv) scaling, additive bias, optional KV cache."""
+
+    num_heads: int
+    d_kv: int
+    dropout_rate: float
+    dtype: DType
+    param_dtype: DType
+
+    def _projection(self, name: str, x: Array, d_model: int) -> Array:
+        stddev = (d_model * self.d_kv) ** -0.5 if name == "query" else d_model ** -0.5
+        return DenseGeneral((self.num_heads, self.d_kv), ("embed", "heads", "kv"), stddev,
+                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+
+    @nn.compact
+    def __call__(self, inputs_q: Array, inputs_kv: Array, bias_BxHxQxK: Array, *,
+                 deterministic: bool, decode: bool = False,
+                 cache_index: Optional[Array] = None) -> Array:
+        d_model = inputs_q.shape[-1]
+        query_BxQxHxK = self._projection("query", inputs_q, d_model)
+        key_BxSxHxK = self._projection("key", inputs_kv, d_model)
+        value_BxSxHxK = self._projection("value", inputs_kv, d_model)
+        heads_axes = ("activation_batch", "activation_length", "activation_heads",
+                      "activation_kv")
+        query_BxQxHxK = constrain(query_BxQxHxK, heads_axes)
+        key_BxSxHxK = constrain(key_BxSxHxK, heads_axes)
+        value_BxSxHxK = constrain(value_BxSxHxK, heads_axes)
+
+        if decode:
+            key_BxSxHxK, value_BxSxHxK = self._update_cache(key_BxSxHxK, value_BxSxHxK,
+                                                            cache_index)
+
+        scores_BxHxQxS = jnp.einsum("bqhk,bshk->bhqs", query_BxQxHxK, key_BxSxHxK)
+        scores_BxHxQxS = scores_BxHxQxS.astype(jnp.float32) + bias_BxHxQxK.astype(
+            jnp.float32)
+        weights_BxHxQxS = jax.nn.softmax(scores_BxHxQxS, axis=-1).astype(self.dtype)
+        weights_BxHxQxS = nn.Dropout(self.dropout_rate)(weights_BxHxQxS,
+                                                        deterministic=deterministic)
+        out_BxQxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxQxS, value_BxSxHxK)
+        out_BxQxHxK = constrain(out_BxQxHxK, heads_axes)
+        return DenseGeneral((d_model,), ("heads", "kv", "embed"),
+                            (self.num_heads * self.d_kv) ** -0.5, num_contract=2,
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="out")(out_BxQxHxK)
+
+    def _update_cache(self, key_Bx1xHxK: Array, value_Bx1xHxK: Array,
+                      cache_index: Optional[Array]) -> tuple[Array, Array]:
+        """Writes this step's key/value at `cache_index`; returns the whole cache.
+
+        The first call (cache variables absent, as in `init`) only creates the
+        cache with the shape of the full-length input and leaves it untouched.
+        """
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key_Bx1xHxK.shape,
+                                   key_Bx1xHxK.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros,
+                                     value_Bx1xHxK.shape, value_Bx1xHxK.dtype)
+        if not initialized:
+            return key_Bx1xHxK, value_Bx1xHxK
+        if key_Bx1xHxK.shape[1] != 1:
+            raise ValueError(f"decode=True feeds one token per step; got length "
+                             f"{key_Bx1xHxK.shape[1]}")
+        start = (0, cache_index, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, key_Bx1xHxK.astype(cached_key.value.dtype), start)
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, value_Bx1xHxK.astype(cached_value.value.dtype), start)
+        return cached_key.value, cached_value.value
+
+
+class MlpBlock(nn.Module):
+    """Position-wise feed-forward: `wi` (or gated `wi_0` * `wi_1`), dropout, `wo`."""
+
+    d_ff: int
+    activations: tuple[str, ...]
+    dropout_rate: float
+    dtype: DType
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, *, deterministic: bool) -> Array:
+        d_model = x_BxLxD.shape[-1]
+        hidden = []
+        for i, act in enumerate(self.activations):
+            name = "wi" if len(self.activations) == 1 else f"wi_{i}"
+            h_BxLxF = DenseGeneral((self.d_ff,), ("embed", "mlp"), d_model ** -0.5,
+                                   dtype=self.dtype, param_dtype=self.param_dtype,
+                                   name=name)(x_BxLxD)
+            hidden.append(h_BxLxF if act == "linear" else ACTIVATIONS[act](h_BxLxF))
+        h_BxLxF = functools.reduce(jnp.multiply, hidden)
+        h_BxLxF = constrain(h_BxLxF, ("activation_batch", "activation_length",
+                                       "activation_mlp"))
+        h_BxLxF = nn.Dropout(self.dropout_rate)(h_BxLxF, deterministic=deterministic)
+        return DenseGeneral((d_model,), ("mlp", "embed"), self.d_ff ** -0.5, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="wo")(h_BxLxF)
