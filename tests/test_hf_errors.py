@@ -118,7 +118,7 @@ def test_pickled_code_in_torch_bin_is_refused(hf_dir):
             return (os.system, ("echo pwned",))
 
     with open(os.path.join(hf_dir, hf.TORCH_BIN), "wb") as f:
-        pickle.dump({"shared.weight": Payload()}, f)
+        pickle.dump({"shared.weight": Payload()}, f, protocol=2)
     assert "weights_only=True" in _error(hf_dir)
 
 
