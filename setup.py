@@ -10,6 +10,16 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<3",
     "ml_dtypes>=0.5",
     "safetensors>=0.4,<0.9",
+    # Data: SeqIO tasks and mixtures (TensorFlow is imported only under
+    # ift_jax/data and tasks/), templates, metrics.
+    "seqio>=0.0.20,<0.0.21",
+    "tensorflow>=2.21,<2.22",
+    "tensorflow-text>=2.21,<2.22",
+    "tensorflow-datasets>=4.9,<4.10",
+    "sentencepiece>=0.2,<0.3",
+    "jinja2>=3.1,<4",
+    "rouge-score>=0.1.2,<0.2",
+    "sacrebleu>=2.4,<3",
 ]
 
 EXTRAS_REQUIRE = {
@@ -33,7 +43,9 @@ setuptools.setup(
     description="Instruction fine-tuning of T5-family models in JAX",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["ift_jax", "ift_jax.*"]),
+    # tasks/ (task registrations, DESIGN.md's layout) installs as ift_jax.tasks.
+    packages=setuptools.find_packages(include=["ift_jax", "ift_jax.*"]) + ["ift_jax.tasks"],
+    package_dir={"ift_jax.tasks": "tasks"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -1,0 +1,1 @@
+"""Data: instruction templates, local record files and deterministic splits."""

@@ -1,0 +1,204 @@
+"""Instruction tasks on SeqIO: records + templates -> rendered, tokenized examples.
+
+`register_task(name, source, templates, ...)` registers a `seqio.Task` whose
+data source renders each record of a `RecordSource` with instruction
+templates (FLAN pattern tuples or promptsource jinja), in Python, once per
+split:
+
+- `mode="random"`: one template per example, chosen by a stable hash of
+  (seed, example id), so the same example always gets the same template,
+  on every host and every run;
+- `mode="all"`: every template applied to every example (FLAN's
+  `template_0toN`);
+- `num_shots=k`: k exemplars from the train split (never the example
+  itself), rendered with the same template and joined FLAN-style.
+
+Rendered features (strings): `inputs`, `targets`, `id`, `template`, and
+`references` (JSON list: the record's `references` field when it has one,
+e.g. dialogsum test's three summaries, else `[targets]`). Tokenization and
+EOS come from SeqIO's own preprocessors; evaluation gets the references
+back through `postprocess`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Optional, Sequence
+
+import seqio
+import tensorflow as tf
+
+from ift_jax.data import sources as sources_lib
+from ift_jax.data import templates as templates_lib
+from ift_jax.data.vocabularies import TASK_VOCABULARY
+
+RENDERED_FEATURES = ("inputs", "targets", "id", "template", "references")
+
+OUTPUT_FEATURES = {
+    "inputs": seqio.Feature(TASK_VOCABULARY, add_eos=True, required=True),
+    "targets": seqio.Feature(TASK_VOCABULARY, add_eos=True, required=True),
+}
+
+MODES = ("random", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendering:
+    """How records become prompts (see module docstring)."""
+
+    mode: str = "random"
+    num_shots: int = 0
+    few_shot_format: templates_lib.FewShotFormat = templates_lib.FewShotFormat()
+    seed: int = 0
+    exemplar_split: str = "train"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"rendering mode {self.mode!r}; modes: {', '.join(MODES)}")
+        if self.num_shots < 0:
+            raise ValueError(f"num_shots must be >= 0, got {self.num_shots}")
+
+
+def render_records(records: Sequence[dict], templates: Sequence[Any], rendering: Rendering,
+                   exemplar_pool: Sequence[dict] = (), pool_is_records: bool = False
+                   ) -> dict[str, list[str]]:
+    """Renders records into columns of `RENDERED_FEATURES`."""
+    columns: dict[str, list[str]] = {k: [] for k in RENDERED_FEATURES}
+    for index, record in enumerate(records):
+        example_id = record[sources_lib.ID_FIELD]
+        if rendering.mode == "all":
+            chosen = range(len(templates))
+        else:
+            chosen = [templates_lib.choose_template(templates, rendering.seed, example_id)]
+        for t in chosen:
+            template = templates[t]
+            inputs, targets = (text.strip() for text in template.render(record))
+            if rendering.num_shots:
+                inputs = _with_exemplars(inputs, template, rendering, example_id,
+                                         exemplar_pool, index if pool_is_records else None)
+            references = [r.strip() for r in record.get("references") or [targets]]
+            columns["inputs"].append(inputs)
+            columns["targets"].append(targets)
+            columns["id"].append(example_id)
+            columns["template"].append(template.name)
+            columns["references"].append(json.dumps(list(references), ensure_ascii=False))
+    return columns
+
+
+def _with_exemplars(inputs: str, template: Any, rendering: Rendering, example_id: str,
+                    pool: Sequence[dict], exclude: Optional[int]) -> str:
+    picks = templates_lib.choose_exemplars(len(pool), rendering.num_shots, rendering.seed,
+                                           example_id, exclude=exclude)
+    exemplars = [template.render(pool[i]) for i in picks]
+    return templates_lib.format_few_shot(exemplars, inputs, rendering.few_shot_format)
+
+
+class InstructionDataSource(seqio.DataSource):
+    """A `seqio.DataSource` of rendered instruction examples (strings)."""
+
+    def __init__(self, task_name: str, source: sources_lib.RecordSource,
+                 templates: Sequence[Any], rendering: Rendering):
+        self.task_name = task_name
+        self.records = source
+        self.templates = tuple(templates)
+        self.rendering = rendering
+        self._rendered: dict[str, dict[str, list[str]]] = {}
+        super().__init__(splits=source.splits, caching_permitted=False,
+                         performs_internal_shuffling=True)
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return True
+
+    @property
+    def output_features(self):
+        return {}
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return [split]
+
+    def rendered(self, split: str) -> dict[str, list[str]]:
+        """Columns of rendered strings for `split` (computed once)."""
+        if split not in self._rendered:
+            records = self.records.load(split)
+            pool, pool_is_records = (), False
+            if self.rendering.num_shots:
+                pool = self.records.load(self.rendering.exemplar_split)
+                pool_is_records = split == self.rendering.exemplar_split
+            self._rendered[split] = render_records(records, self.templates, self.rendering,
+                                                   pool, pool_is_records)
+        return self._rendered[split]
+
+    def num_input_examples(self, split: str) -> int:
+        return len(self.rendered(split)["inputs"])
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True,
+                    seed: Optional[int] = None,
+                    shard_info: Optional[seqio.ShardInfo] = None, *,
+                    sequence_length=None, use_cached: bool = False,
+                    num_epochs: Optional[int] = 1) -> tf.data.Dataset:
+        columns = self.rendered(split)
+        if not columns["inputs"]:
+            raise ValueError(f"task {self.task_name!r}: split {split!r} has no examples")
+        dataset = tf.data.Dataset.from_tensor_slices(columns)
+        if shard_info and shard_info.num_shards > 1:
+            # Shard before shuffling: hosts see disjoint examples that cover the split.
+            dataset = dataset.shard(shard_info.num_shards, shard_info.index)
+        if shuffle:
+            dataset = dataset.shuffle(len(columns["inputs"]), seed=seed,
+                                      reshuffle_each_iteration=True)
+        return dataset
+
+
+def postprocess(output: Any, example: Optional[dict] = None, is_target: bool = False) -> Any:
+    """Predictions: stripped text. Targets: the example's list of references."""
+    if is_target and example is not None and "references" in example:
+        raw = example["references"]
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    if isinstance(output, bytes):
+        output = output.decode("utf-8")
+    return output.strip()
+
+
+def register_task(name: str, source: sources_lib.RecordSource, templates: Sequence[Any], *,
+                  rendering: Rendering = Rendering(),
+                  postprocess_fn: Callable[..., Any] = postprocess,
+                  metric_fns: Sequence[Callable[..., dict]] = ()) -> seqio.Task:
+    """Validates the templates against the source's fields and registers the task.
+
+    Re-registering a name replaces the earlier task (modules may be reloaded).
+    """
+    templates_lib.validate_templates(name, templates, source.fields)
+    if rendering.num_shots and rendering.exemplar_split not in source.splits:
+        raise ValueError(f"task {name!r}: few-shot exemplars come from split "
+                         f"{rendering.exemplar_split!r}, which source {source.name!r} lacks")
+    task = seqio.Task(
+        name, InstructionDataSource(name, source, templates, rendering),
+        output_features=OUTPUT_FEATURES,
+        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+        postprocess_fn=postprocess_fn, metric_fns=list(metric_fns), shuffle_buffer_size=None)
+    if name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add_provider(name, task)
+    return task
+
+
+def register_variants(name: str, source: sources_lib.RecordSource, templates: Sequence[Any],
+                      *, num_shots: int = 3, few_shot_format: Optional[
+                          templates_lib.FewShotFormat] = None, **kwargs) -> list[str]:
+    """Registers FLAN's variants of one dataset.
+
+    `name` (one random template, zero-shot), `name_all_templates` (every
+    template), and, when the source has a train split and `num_shots > 0`,
+    `name_{k}shot` (one random template, k exemplars).
+    """
+    names = [name, f"{name}_all_templates"]
+    register_task(name, source, templates, **kwargs)
+    register_task(names[1], source, templates, rendering=Rendering(mode="all"), **kwargs)
+    if num_shots and "train" in source.splits:
+        names.append(f"{name}_{num_shots}shot")
+        fmt = few_shot_format or templates_lib.FewShotFormat()
+        register_task(names[2], source, templates,
+                      rendering=Rendering(num_shots=num_shots, few_shot_format=fmt), **kwargs)
+    return names

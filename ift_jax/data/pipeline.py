@@ -1,0 +1,69 @@
+"""Model-ready numpy batches from a task or mixture, for this host's shard.
+
+SeqIO does the work: `seqio.get_dataset` with `EncDecFeatureConverter`
+(packed or padded), sharded by `seqio.ShardInfo` so each host reads a
+disjoint part of every split. Arrays come out as numpy with the t5x feature
+names (`encoder_input_tokens`, `decoder_input_tokens`,
+`decoder_target_tokens`, `decoder_loss_weights`, and with packing the
+`*_segment_ids` / `*_positions`), ready for
+`jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Mapping, Optional
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """What the model is fed: names, lengths, batch size and packing."""
+
+    mixture_or_task: str
+    split: str
+    inputs_length: int
+    targets_length: int
+    batch_size: int  # Per host.
+    pack: bool = True
+    shuffle: bool = True
+    seed: Optional[int] = 0
+    num_epochs: Optional[int] = None  # None repeats forever (training).
+
+    @property
+    def feature_lengths(self) -> dict[str, int]:
+        return {"inputs": self.inputs_length, "targets": self.targets_length}
+
+
+def host_shard_info() -> seqio.ShardInfo:
+    """This process's shard: index `jax.process_index()` of `jax.process_count()`."""
+    import jax
+    return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+
+
+def get_dataset(spec: BatchSpec, shard_info: Optional[seqio.ShardInfo] = None
+                ) -> tf.data.Dataset:
+    """Batched, feature-converted `tf.data.Dataset` for one shard."""
+    _hide_gpus_from_tensorflow()
+    return seqio.get_dataset(
+        spec.mixture_or_task, task_feature_lengths=spec.feature_lengths,
+        feature_converter=seqio.EncDecFeatureConverter(pack=spec.pack),
+        dataset_split=spec.split, shuffle=spec.shuffle, num_epochs=spec.num_epochs,
+        shard_info=shard_info, seed=spec.seed, batch_size=spec.batch_size, verbose=False)
+
+
+def numpy_batches(spec: BatchSpec, shard_info: Optional[seqio.ShardInfo] = None
+                  ) -> Iterator[Mapping[str, np.ndarray]]:
+    """Iterator of numpy batches `[batch_size, length]` (the last one may be short)."""
+    return get_dataset(spec, shard_info).as_numpy_iterator()
+
+
+def _hide_gpus_from_tensorflow() -> None:
+    # tf.data only needs the CPU; leave accelerator memory to JAX.
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # Already initialized; nothing to do.
+        pass
