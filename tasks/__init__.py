@@ -8,6 +8,7 @@ missing fails only when used, naming the path it expected.
 from ift_jax.tasks import (  # noqa: F401  (imported for their registrations)
     amazon_reviews,
     dialogsum,
+    glue,
     multi30k,
     samsum,
     synthetic,

@@ -6,6 +6,7 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
+import seqio
 
 from ift_jax import cli, hf
 from ift_jax.models import t5
@@ -39,3 +40,53 @@ def test_python_dash_m_runs_the_same_command():
     result = subprocess.run([sys.executable, "-m", "ift_jax", "model-info", "--model=tiny"],
                             capture_output=True, text=True, check=True)
     assert "total params:" in result.stdout
+
+
+def _ift_jax(*args, env=None):
+    import os
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ift_jax", *args], capture_output=True,
+                          text=True, env=full_env)
+
+
+def test_tasks_list_works_without_any_data():
+    result = _ift_jax("tasks", "list", env={"IFT_JAX_DATA_DIR": "/nonexistent"})
+    assert result.returncode == 0, result.stderr
+    assert "dialogsum_all_templates" in result.stdout and "ift_multitask" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("samsum "))
+    assert " 7 " in row and "rouge" in row
+
+
+def test_tasks_preview_shows_rendered_examples_and_template(capsys):
+    assert cli.main(["tasks", "preview", "synthetic_sentiment", "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("=== synthetic_sentiment [validation]") == 2
+    assert "template=synthetic_sentiment_" in out and "OPTIONS:" in out
+
+
+def test_tasks_stats_reports_percentiles_and_truncation(capsys):
+    assert cli.main(["tasks", "stats", "dialogsum", "--split=validation",
+                     "--inputs_length=512", "--targets_length=128"]) == 0
+    out = capsys.readouterr().out
+    assert "dialogsum [validation] (500 examples" in out
+    inputs_row = next(line for line in out.splitlines() if line.strip().startswith("inputs"))
+    reported = int(inputs_row.split(" of 500 (")[0].split()[-1])
+    # Independent count: byte tokens plus EOS beyond the 512 limit.
+    rendered = seqio.get_mixture_or_task("dialogsum").source.rendered("validation")
+    expected = sum(len(x.encode("utf-8")) + 1 > 512 for x in rendered["inputs"])
+    assert reported == expected > 0
+
+
+def test_tasks_on_missing_data_is_one_error_line():
+    result = _ift_jax("tasks", "preview", "samsum", env={"IFT_JAX_DATA_DIR": "/nonexistent"})
+    assert result.returncode == 2
+    # TensorFlow's C++ start-up logging may precede it; ours is one line.
+    ours = [line for line in result.stderr.splitlines() if line.startswith("ift-jax")]
+    assert len(ours) == 1 and "expected /nonexistent/samsum/validation.jsonl" in ours[0]
+
+
+def test_tasks_train_spm_writes_a_model(tmp_path, capsys):
+    prefix = str(tmp_path / "synthetic")
+    assert cli.main(["tasks", "train-spm", "synthetic_extraction", f"--output={prefix}",
+                     "--vocab_size=200"]) == 0
+    assert (tmp_path / "synthetic.model").exists()

@@ -164,6 +164,9 @@ class TfdsSource(RecordSource):
                  fields: Sequence[str], *, id_field: Optional[str] = None,
                  prepare: Optional[Prepare] = None, tfds_data_dir: Optional[str] = None):
         super().__init__(name, fields, tuple(splits), prepare)
+        if ":" not in tfds_name:
+            raise ValueError(f"source {name!r}: TFDS name {tfds_name!r} needs a version, "
+                             f"e.g. 'glue/rte:2.0.0' (seqio requires one)")
         self.tfds_name = tfds_name
         self.split_map = dict(splits)
         self.id_field = id_field
@@ -175,9 +178,17 @@ class TfdsSource(RecordSource):
 
     def _load_raw(self, split: str) -> list[tuple[str, dict]]:
         import seqio
+        # read_only: nothing can be downloaded here; prepare TFDS data elsewhere.
         source = seqio.TfdsDataSource(self.tfds_name, splits=self.split_map,
-                                      tfds_data_dir=self.tfds_data_dir)
-        dataset = source.get_dataset(split, shuffle=False)
+                                      tfds_data_dir=self.tfds_data_dir, read_only=True)
+        try:
+            dataset = source.get_dataset(split, shuffle=False)
+        except AssertionError as e:  # TFDS's "could not find data in ..."
+            where = self.tfds_data_dir or "$TFDS_DATA_DIR or ~/tensorflow_datasets"
+            raise MissingDataError(
+                f"{self.name}: no prepared TFDS data for {self.tfds_name} in {where} "
+                f"({str(e).splitlines()[0]}); run `tfds build` for it where there is "
+                f"network and copy the data dir") from None
         out = []
         for index, example in enumerate(dataset.as_numpy_iterator()):
             record = {k: _to_python(v) for k, v in example.items()}
