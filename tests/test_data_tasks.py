@@ -187,3 +187,17 @@ def test_malformed_file_error_names_file_and_line(tmp_path, monkeypatch):
     source = sources.FileSource("d", "d", {"train": "train.jsonl"}, ("a",))
     with pytest.raises(ValueError, match=r"train.jsonl.*line 2"):
         source.load("train")
+
+
+def test_explicit_rates_set_the_sampling_proportions():
+    mixture = mixtures.register_mixture(
+        "test_explicit_rates", [("synthetic_sentiment", 3.0), ("synthetic_extraction", 1.0)],
+        default_rate=None)
+    assert mixture.get_rate(seqio.get_mixture_or_task("synthetic_sentiment")) == 3.0
+    dataset = mixture.get_dataset({"inputs": 128, "targets": 16}, split="train", seed=0,
+                                  shuffle=True, num_epochs=None)
+    decode = mixture.tasks[0].output_features["inputs"].vocabulary.decode
+    inputs = [decode(e["inputs"].tolist()) for e in dataset.take(2000).as_numpy_iterator()]
+    share = sum("OPTIONS:" in x for x in inputs) / len(inputs)  # only sentiment has options
+    assert 0.70 < share < 0.80
+    seqio.MixtureRegistry.remove("test_explicit_rates")
