@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,11 @@ $(STAMP): setup.py
 	touch $@
 
 install: $(STAMP)
+
+# The main job: the embedded default (configs/default.py), a tiny T5 trained
+# from scratch on the synthetic instruction mixture (a few minutes on a CPU).
+demo: $(STAMP)
+	$(VENV)/bin/ift-jax train --workdir=workdirs/default
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest tests -q

@@ -10,6 +10,13 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<3",
     "ml_dtypes>=0.5",
     "safetensors>=0.4,<0.9",
+    # Training: optimizers, checkpoints, configs, metric writers, LoRA/QLoRA.
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "ml-collections>=1.1,<1.2",
+    "clu>=0.0.12,<0.1",
+    "tensorboard>=2.20,<3",
+    "qwix>=0.1.8,<0.2",
     # Data: SeqIO tasks and mixtures (TensorFlow is imported only under
     # ift_jax/data and tasks/), templates, metrics.
     "seqio>=0.0.20,<0.0.21",
@@ -31,6 +38,7 @@ EXTRAS_REQUIRE = {
     "hf": [
         "torch==2.13.0",
         "transformers>=5,<6",
+        "peft>=0.21,<0.22",
         "safetensors>=0.4,<0.9",
     ],
     "gpu": ["jax[cuda13]>=0.10,<0.11"],
@@ -43,9 +51,11 @@ setuptools.setup(
     description="Instruction fine-tuning of T5-family models in JAX",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    # tasks/ (task registrations, DESIGN.md's layout) installs as ift_jax.tasks.
-    packages=setuptools.find_packages(include=["ift_jax", "ift_jax.*"]) + ["ift_jax.tasks"],
-    package_dir={"ift_jax.tasks": "tasks"},
+    # tasks/ and configs/ (DESIGN.md's layout) install as ift_jax.tasks and
+    # ift_jax.configs, so the embedded default config works from any directory.
+    packages=setuptools.find_packages(include=["ift_jax", "ift_jax.*"])
+    + ["ift_jax.tasks", "ift_jax.configs"],
+    package_dir={"ift_jax.tasks": "tasks", "ift_jax.configs": "configs"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ift-jax", description="Instruction fine-tuning of T5-family models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("train", help="train: --config=FILE[:arg] --workdir=DIR [--config.a.b=v]",
+                   add_help=False)
 
     info = sub.add_parser(
         "model-info", help="params of a T5 preset or HF checkpoint: shapes, axes, counts",
@@ -153,7 +156,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_COMMANDS = ("train",)
+
+
+def default_config_path() -> str:
+    import ift_jax.configs
+    return os.path.join(os.path.dirname(ift_jax.configs.__file__), "default.py")
+
+
+def _parse_config_flags(command: str, argv: Sequence[str]):
+    """absl + ml_collections flags: --config=FILE[:arg], --config.a.b=v, --workdir."""
+    from absl import flags
+    from ml_collections import config_flags
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", default=default_config_path(), flag_values=values, lock_config=True,
+        help_string="config file (get_config(arg)); default: the embedded configs/default.py")
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, eval)",
+                        flag_values=values)
+    try:
+        values([f"ift-jax {command}", *argv])
+    except flags.Error as e:
+        raise ValueError(str(e).splitlines()[0]) from None
+    if not values.workdir:
+        raise ValueError("--workdir is required")
+    return values.config, values.workdir
+
+
+def _train(argv: Sequence[str]) -> int:
+    config, workdir = _parse_config_flags("train", argv)
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/seqio chatter
+    from ift_jax import train
+    train.train_and_evaluate(config, workdir)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in CONFIG_COMMANDS:
+        try:
+            return _train(argv[1:])
+        except (ValueError, FileNotFoundError, KeyError, AttributeError) as e:
+            print(f"ift-jax {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

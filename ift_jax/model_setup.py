@@ -1,0 +1,311 @@
+"""From a run config to a ready model: architecture, method, params, optimizer, data.
+
+Reads the ConfigDict in one place (with `train.train_and_evaluate`) and hands
+plain objects to the rest: a `Setup` (model, trainable partition, apply
+functions, optimizer) and the initial `(state, frozen)` on the mesh.
+
+Start-up order, as DESIGN.md decides (logged as it happens):
+  1. resume from the latest checkpoint in the workdir;
+  2. else `init_from`: an HF T5 directory or another ift_jax workdir;
+  3. else from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Iterator, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from ift_jax import checkpointing, hf, model_info, optim, partitioning
+from ift_jax.models import t5
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ----------------------------------------------------------------------------
+# Partitions as flat dicts: trainable and frozen hold disjoint leaves.
+
+
+def split(params: Any, mask: Any) -> tuple[dict, dict]:
+    """(trainable, frozen) nested dicts; each leaf lands in exactly one."""
+    flat, flat_mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
+    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge(trainable: Any, frozen: Any) -> dict:
+    """Inverse of `split`."""
+    flat = traverse_util.flatten_dict(frozen) if frozen else {}
+    flat.update(traverse_util.flatten_dict(trainable) if trainable else {})
+    return traverse_util.unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------
+# The setup.
+
+
+def t5_config(model_cfg: ml_collections.ConfigDict) -> t5.T5Config:
+    """`T5Config` from `config.model`: a preset plus field overrides."""
+    values = dict(model_cfg)
+    preset = values.pop("preset", "tiny")
+    if "dtype" in values:
+        values["dtype"] = _DTYPES[values["dtype"]]
+    return t5.get_config(preset, **values)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop needs, built from the config."""
+
+    config: ml_collections.ConfigDict
+    t5_config: t5.T5Config
+    model: nn.Module
+    method: str
+    optimizer_config: optim.OptimizerConfig
+    optimizer: Any
+    flops_per_token: float
+    init_params: Optional[dict] = None  # Host arrays of the `init_from` base model.
+
+    @property
+    def fingerprint(self) -> dict:
+        c = self.t5_config
+        return {"architecture": repr(c.replace(dtype=jnp.float32, dropout_rate=0.0)),
+                "method": self.method,
+                "trainable_regex": self.config.peft.trainable_regex or ""}
+
+    def checkpoint_meta(self) -> dict:
+        return {"fingerprint": self.fingerprint, "init_from": self.config.init_from or ""}
+
+    def learning_rate(self, step: int) -> float:
+        return optim.learning_rate_at(self.optimizer_config, step)
+
+    def trainable_mask(self, params: Any) -> Any:
+        if self.method == "full" and not self.config.peft.trainable_regex:
+            return jax.tree.map(lambda _: True, params)
+        from ift_jax import peft
+        return peft.trainable_mask(params, self.method,
+                                   self.config.peft.trainable_regex or None)
+
+    def train_apply(self, params: Any, batch: dict, rng: Optional[jax.Array]) -> jax.Array:
+        return self._apply(params, batch, rng)
+
+    def eval_apply(self, params: Any, batch: dict, rng=None) -> jax.Array:
+        return self._apply(params, batch, None)
+
+    def _apply(self, params, batch, rng):
+        rngs = {"dropout": rng} if rng is not None else {}
+        return self.model.apply(
+            {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+            batch["decoder_target_tokens"], batch.get("encoder_segment_ids"),
+            batch.get("decoder_segment_ids"), batch.get("encoder_positions"),
+            batch.get("decoder_positions"), enable_dropout=rng is not None, rngs=rngs)
+
+
+def optimizer_config(config: ml_collections.ConfigDict) -> optim.OptimizerConfig:
+    o = config.optimizer
+    schedule = optim.ScheduleConfig(
+        name=o.schedule, base=o.learning_rate,
+        warmup_steps=0 if o.schedule == "constant" else o.warmup_steps,
+        total_steps=config.train.steps if o.schedule in ("cosine", "linear_decay") else None,
+        end_value=o.end_learning_rate)
+    return optim.OptimizerConfig(
+        name=o.name, schedule=schedule, weight_decay=o.weight_decay,
+        grad_clip_norm=o.grad_clip_norm or None,
+        multiply_by_parameter_scale=o.multiply_by_parameter_scale)
+
+
+def training_flops_per_token(c: t5.T5Config, inputs_length: int, targets_length: int) -> float:
+    """6·N_matmul per token (forward + backward), N counted per stack and token.
+
+    Encoder tokens pass the encoder (attention projections + MLP); decoder
+    tokens pass self-attention, cross-attention and MLP, plus the logits. The
+    attention score/value products are added as 2·2·L·d_inner per token and
+    layer (forward), times 3 for backward. Returned per *input+target* token.
+    """
+    inner, mlp_mats = c.num_heads * c.d_kv, (3 if c.is_gated else 2)
+    enc_layer = 4 * c.d_model * inner + mlp_mats * c.d_model * c.d_ff
+    dec_layer = 8 * c.d_model * inner + mlp_mats * c.d_model * c.d_ff
+    enc = inputs_length * (c.num_layers * (enc_layer + 2 * inputs_length * inner))
+    dec = targets_length * (c.num_decoder_layers * (dec_layer + 2 * (targets_length
+                                                                     + inputs_length) * inner)
+                            + c.d_model * c.vocab_size)
+    return 6.0 * (enc + dec) / (inputs_length + targets_length)
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+    """Model, method and optimizer from the config (no params yet)."""
+    arch = t5_config(config.model)
+    init_params = None
+    if config.init_from:
+        arch, init_params = _load_init_from(config.init_from, arch)
+    method = config.peft.method
+    model = _model_for(method, arch, config)
+    opt_cfg = optimizer_config(config)
+    return Setup(config, arch, model, method, opt_cfg, optim.make_optimizer(opt_cfg),
+                 training_flops_per_token(arch, config.data.inputs_length,
+                                          config.data.targets_length), init_params)
+
+
+def _is_hf_dir(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "config.json")) and not os.path.isdir(
+        os.path.join(path, "checkpoints"))
+
+
+def _load_init_from(source: str, arch: t5.T5Config) -> tuple[t5.T5Config, dict]:
+    """The base model of `init_from`: its architecture (with this run's dtype and
+    dropout) and its params as host arrays."""
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"init_from {source!r}: no such file or directory")
+    if _is_hf_dir(source):
+        loaded, params = hf.load_t5(source)
+        return loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate), params
+    raise ValueError(f"init_from {source!r} is neither an HF T5 directory (config.json + "
+                     f"weights) nor an ift_jax workdir with checkpoints")
+
+
+METHODS = ("full", "lora", "qlora", "prompt")
+
+
+def _model_for(method: str, arch: t5.T5Config, config) -> nn.Module:
+    if method not in METHODS:
+        raise ValueError(f"peft.method {method!r}; methods: {', '.join(METHODS)}")
+    if method == "full":
+        return t5.Transformer(arch)
+    from ift_jax import peft
+    return peft.build_model(method, arch, config.peft)
+
+
+# ----------------------------------------------------------------------------
+# Params and state on the mesh.
+
+
+@dataclasses.dataclass
+class Shardings:
+    state: Any
+    frozen: Any
+    params: Any
+
+
+def _dummy(config) -> tuple[jax.Array, jax.Array]:
+    return (jnp.ones((1, config.data.inputs_length), jnp.int32),
+            jnp.ones((1, config.data.targets_length), jnp.int32))
+
+
+def initial_state(setup: Setup, tx, mesh, ckpt: checkpointing.Checkpointer):
+    """(state, frozen, shardings, start_step) following the start-up order."""
+    from ift_jax.train import TrainState
+
+    enc, dec = _dummy(setup.config)
+    init_fn = lambda rng: setup.model.init(rng, enc, dec)  # noqa: E731
+    variables, var_shardings = partitioning.sharded_init(
+        init_fn, jax.random.key(setup.config.train.seed), mesh)
+    params, param_shardings = variables["params"], var_shardings["params"]
+    latest = ckpt.latest_step()
+    if latest is None and setup.config.init_from:
+        params = _overlay(params, setup.init_params, param_shardings)
+    mask = setup.trainable_mask(params)
+    trainable, frozen = split(params, mask)
+    trainable_sh, frozen_sh = split(param_shardings, mask)
+    with partitioning.mesh_context(mesh):
+        opt_state = jax.jit(tx.init)(trainable)
+    state = TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
+    state_sh = _state_shardings(state, trainable_sh, mesh)
+    state = jax.device_put(state, state_sh)
+    shardings = Shardings(state_sh, frozen_sh, param_shardings)
+    if latest is not None:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, meta = ckpt.restore(latest, abstract, setup.fingerprint)
+        if meta.get("init_from") and setup.method != "full":
+            frozen = split(_overlay(merge(trainable, frozen), setup.init_params,
+                                    param_shardings), mask)[1]
+        logging.info("start-up: resumed from %s step %d", ckpt.directory, latest)
+        return state, frozen, shardings, latest
+    if setup.config.init_from:
+        logging.info("start-up: initialized from %s", setup.config.init_from)
+    else:
+        logging.info("start-up: from scratch (no checkpoint in the workdir, no init_from)")
+    return state, frozen, shardings, 0
+
+
+def _state_shardings(state, trainable_sh, mesh):
+    """Params as laid out; optimizer leaves keep the layout XLA gave them on this
+    mesh (param-shaped moments follow their params), anything else replicated."""
+    replicated = partitioning.replicated(mesh)
+
+    def on_mesh(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+            return sharding
+        return replicated
+
+    return type(state)(replicated, trainable_sh, jax.tree.map(on_mesh, state.opt_state))
+
+
+def _overlay(params: Any, loaded: dict, shardings: Any) -> Any:
+    """Replaces params by `loaded` where paths match; shapes must agree."""
+    flat = traverse_util.flatten_dict(params)
+    flat_sh = traverse_util.flatten_dict(shardings)
+    for path, value in traverse_util.flatten_dict(loaded).items():
+        if path not in flat:
+            raise ValueError(f"init_from param {'/'.join(path)} does not exist in this model")
+        if tuple(flat[path].shape) != tuple(value.shape):
+            raise ValueError(f"init_from param {'/'.join(path)} has shape {tuple(value.shape)}"
+                             f", the model expects {tuple(flat[path].shape)}")
+        flat[path] = jax.device_put(np.asarray(value, flat[path].dtype), flat_sh[path])
+    return traverse_util.unflatten_dict(flat)
+
+
+def write_model_info(workdir: str, setup: Setup, trainable: Any, frozen: Any) -> None:
+    """`model-info.txt`: param table with logical axes, and counts per partition."""
+    enc, dec = _dummy(setup.config)
+    boxed = jax.eval_shape(lambda: setup.model.init(jax.random.key(0), enc, dec))["params"]
+    counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+              for name, tree in (("trainable", trainable), ("frozen", frozen))}
+    total = counts["trainable"] + counts["frozen"]
+    header = (f"# method: {setup.method}; T5Config: {setup.t5_config}\n"
+              f"# params: total {total:,}; trainable {counts['trainable']:,} "
+              f"({100 * counts['trainable'] / max(total, 1):.4f}%); "
+              f"frozen {counts['frozen']:,}")
+    with open(os.path.join(workdir, "model-info.txt"), "w") as f:
+        f.write(model_info.format_model_info(boxed, header))
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+def train_batches(config: ml_collections.ConfigDict, start_step: int = 0
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """This host's share of each global training batch, continuing at `start_step`.
+
+    The pipeline is deterministic for a seed, so resuming skips the batches
+    already consumed: the data stream continues where it was.
+    """
+    from ift_jax.data import pipeline, sources, vocabularies
+    if config.data.data_dir:
+        sources.set_data_dir(config.data.data_dir)
+    vocabularies.set_vocabulary(config.data.vocab)
+    import ift_jax.tasks  # noqa: F401  (registers tasks)
+
+    hosts = jax.process_count()
+    if config.train.batch_size % hosts:
+        raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
+                         f"the {hosts} processes")
+    spec = pipeline.BatchSpec(
+        config.data.mixture, "train", config.data.inputs_length, config.data.targets_length,
+        batch_size=config.train.batch_size // hosts, pack=config.data.pack,
+        seed=config.data.seed, num_epochs=None)
+    dataset = pipeline.get_dataset(spec, pipeline.host_shard_info())
+    if start_step:
+        dataset = dataset.skip(start_step)
+    return dataset.as_numpy_iterator()
