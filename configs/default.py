@@ -41,6 +41,10 @@ def get_config(arg=None):
     c.data.targets_length = 64
     c.data.pack = True
     c.data.seed = 0
+    # How hosts split the data: "examples" (each host reads 1/N of every split;
+    # cheapest) or "global_batch" (every host builds the same global batch and
+    # keeps its rows: identical batches for any number of hosts).
+    c.data.host_sharding = "examples"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200

@@ -185,6 +185,8 @@ def _parse_config_flags(command: str, argv: Sequence[str]):
 
 def _train(argv: Sequence[str]) -> int:
     config, workdir = _parse_config_flags("train", argv)
+    from ift_jax import distributed
+    distributed.initialize()
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/seqio chatter

@@ -297,15 +297,23 @@ def train_batches(config: ml_collections.ConfigDict, start_step: int = 0
     vocabularies.set_vocabulary(config.data.vocab)
     import ift_jax.tasks  # noqa: F401  (registers tasks)
 
-    hosts = jax.process_count()
+    hosts, index = jax.process_count(), jax.process_index()
     if config.train.batch_size % hosts:
         raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
                          f"the {hosts} processes")
+    local = config.train.batch_size // hosts
+    whole = config.data.host_sharding == "global_batch"
+    if config.data.host_sharding not in ("examples", "global_batch"):
+        raise ValueError(f"data.host_sharding {config.data.host_sharding!r}; choose "
+                         f"'examples' or 'global_batch'")
     spec = pipeline.BatchSpec(
         config.data.mixture, "train", config.data.inputs_length, config.data.targets_length,
-        batch_size=config.train.batch_size // hosts, pack=config.data.pack,
+        batch_size=config.train.batch_size if whole else local, pack=config.data.pack,
         seed=config.data.seed, num_epochs=None)
-    dataset = pipeline.get_dataset(spec, pipeline.host_shard_info())
+    dataset = pipeline.get_dataset(spec, None if whole else pipeline.host_shard_info())
     if start_step:
         dataset = dataset.skip(start_step)
-    return dataset.as_numpy_iterator()
+    batches = dataset.as_numpy_iterator()
+    if not whole:
+        return batches
+    return ({k: v[index * local:(index + 1) * local] for k, v in b.items()} for b in batches)

@@ -1,0 +1,60 @@
+"""Multi-host start-up: `jax.distributed.initialize` from flags or the environment.
+
+On Cloud TPU pod slices (and SLURM/Open MPI clusters JAX recognizes)
+`jax.distributed.initialize()` needs no arguments. Elsewhere set:
+
+    IFT_JAX_COORDINATOR=host:port  IFT_JAX_NUM_PROCESSES=N  IFT_JAX_PROCESS_ID=i
+
+(or pass the same as `--coordinator`, `--num_processes`, `--process_id`).
+On CPU, collectives go through gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import jax
+
+_initialized = False
+
+
+def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, auto: bool = False) -> bool:
+    """Joins the multi-process runtime if asked to; returns whether it did.
+
+    Args:
+      coordinator, num_processes, process_id: explicit settings; default to
+        `IFT_JAX_COORDINATOR`, `IFT_JAX_NUM_PROCESSES`, `IFT_JAX_PROCESS_ID`.
+      auto: call `jax.distributed.initialize()` with no arguments when nothing
+        is set (Cloud TPU pods, SLURM).
+    """
+    global _initialized
+    if _initialized:
+        return True
+    coordinator = coordinator or os.environ.get("IFT_JAX_COORDINATOR")
+    num_processes = num_processes or _env_int("IFT_JAX_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("IFT_JAX_PROCESS_ID")
+    if coordinator:
+        if num_processes is None or process_id is None:
+            raise ValueError("multi-process run needs IFT_JAX_NUM_PROCESSES and "
+                             "IFT_JAX_PROCESS_ID (or --num_processes/--process_id) with "
+                             f"the coordinator {coordinator}")
+        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=num_processes, process_id=process_id)
+    elif auto:
+        jax.distributed.initialize()
+    else:
+        return False
+    _initialized = True
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
