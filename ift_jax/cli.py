@@ -169,18 +169,46 @@ def _parse_config_flags(command: str, argv: Sequence[str]):
     from absl import flags
     from ml_collections import config_flags
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", default=default_config_path(), flag_values=values, lock_config=True,
-        help_string="config file (get_config(arg)); default: the embedded configs/default.py")
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, eval)",
-                        flag_values=values)
     try:
+        # config_flags reads override flags from sys.argv as it defines them.
+        config_flags.DEFINE_config_file(
+            "config", default=default_config_path(), flag_values=values, lock_config=True,
+            help_string="config file (get_config(arg)); default: configs/default.py")
+        flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, eval)",
+                            flag_values=values)
         values([f"ift-jax {command}", *argv])
-    except flags.Error as e:
-        raise ValueError(str(e).splitlines()[0]) from None
+        config = values.config
+    except (flags.Error, KeyError, AttributeError) as e:
+        raise ValueError(_unknown_key_message(argv) or str(e).splitlines()[0]) from None
     if not values.workdir:
         raise ValueError("--workdir is required")
-    return values.config, values.workdir
+    return config, values.workdir
+
+
+def _unknown_key_message(argv: Sequence[str]) -> Optional[str]:
+    """Names the first `--config.a.b=v` whose key does not exist, and the valid keys."""
+    import importlib.util
+    spec_arg = next((a[len("--config="):] for a in argv if a.startswith("--config=")),
+                    default_config_path())
+    path, _, config_arg = spec_arg.partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("_ift_jax_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        root = module.get_config(config_arg or None)
+    except Exception:  # The config itself is broken; absl's message says more.
+        return None
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, path = root, arg[len("--config."):].split("=", 1)[0].split(".")
+        for depth, key in enumerate(path):
+            if not hasattr(node, "keys") or key not in node:
+                where = ".".join(path[:depth]) or "config"
+                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none)"
+                return f"unknown config key {'.'.join(path)!r}; valid keys of {where}: {valid}"
+            node = node[key]
+    return None
 
 
 def _train(argv: Sequence[str]) -> int:

@@ -233,11 +233,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     last = _report(log, setup, *pending, config)
                 pending = (step, metrics)
                 if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+                    # Check this step's loss first: never checkpoint a non-finite state.
+                    last, pending = _report(log, setup, *pending, config), None
                     ckpt.save(step, state, setup.checkpoint_meta())
             if pending is not None:
                 last = _report(log, setup, *pending, config)
             if stop.requested:
-                ckpt.save(step, state, setup.checkpoint_meta(), force=True)
+                if ckpt.latest_step() != step:
+                    ckpt.save(step, state, setup.checkpoint_meta(), force=True)
                 logging.warning("stopped at step %d; checkpoint saved", step)
     finally:
         ckpt.close()

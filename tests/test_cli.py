@@ -90,3 +90,18 @@ def test_tasks_train_spm_writes_a_model(tmp_path, capsys):
     assert cli.main(["tasks", "train-spm", "synthetic_extraction", f"--output={prefix}",
                      "--vocab_size=200"]) == 0
     assert (tmp_path / "synthetic.model").exists()
+
+
+def test_train_with_an_unknown_config_key_lists_the_valid_ones(tmp_path):
+    result = _ift_jax("train", f"--workdir={tmp_path}", "--config.train.stepz=3")
+    assert result.returncode == 2
+    ours = [line for line in result.stderr.splitlines() if line.startswith("ift-jax")]
+    assert ours == ["ift-jax train: error: unknown config key 'train.stepz'; valid keys of "
+                    "train: batch_size, checkpoint_every, eval_batches, eval_every, "
+                    "keep_checkpoints, log_every, num_microbatches, seed, steps"]
+
+
+def test_train_with_a_missing_init_from_says_so(tmp_path):
+    result = _ift_jax("train", f"--workdir={tmp_path}/w", f"--config.init_from={tmp_path}/none")
+    assert result.returncode == 2
+    assert f"init_from '{tmp_path}/none': no such file or directory" in result.stderr
