@@ -284,6 +284,17 @@ def write_model_info(workdir: str, setup: Setup, trainable: Any, frozen: Any) ->
 # Data.
 
 
+def vocabulary_spec(config: ml_collections.ConfigDict) -> str:
+    """`data.vocab`, or the `spiece.model` shipped in an HF `init_from` directory."""
+    if config.data.vocab:
+        return config.data.vocab
+    spiece = os.path.join(config.init_from or "", "spiece.model")
+    if config.init_from and os.path.exists(spiece):
+        return spiece
+    raise ValueError("data.vocab is empty and init_from has no spiece.model; set "
+                     "--config.data.vocab to 'byte' or a SentencePiece .model path")
+
+
 def train_batches(config: ml_collections.ConfigDict, start_step: int = 0
                   ) -> Iterator[dict[str, np.ndarray]]:
     """This host's share of each global training batch, continuing at `start_step`.
@@ -294,7 +305,7 @@ def train_batches(config: ml_collections.ConfigDict, start_step: int = 0
     from ift_jax.data import pipeline, sources, vocabularies
     if config.data.data_dir:
         sources.set_data_dir(config.data.data_dir)
-    vocabularies.set_vocabulary(config.data.vocab)
+    vocabularies.set_vocabulary(vocabulary_spec(config))
     import ift_jax.tasks  # noqa: F401  (registers tasks)
 
     hosts, index = jax.process_count(), jax.process_index()
