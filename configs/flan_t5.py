@@ -65,6 +65,7 @@ def get_config(arg=None):
     else:
         o.name, o.learning_rate, o.weight_decay = "adafactor", 0.3, 1e-5
         c.peft.prompt_length, c.peft.prompt_init = 100, "vocab"
+        c.data.pack = False  # One prompt per example: packed rows would share it.
     if p["runlocal"]:
         c.train.steps, c.train.batch_size = 20, 4
         c.train.log_every, c.train.checkpoint_every, c.train.eval_every = 5, 10, 10
@@ -73,6 +74,6 @@ def get_config(arg=None):
 
 
 def get_sweep():
-    """LoRA rank x learning rate on base/dialogsum (see `ift-jax sweep`)."""
+    """LoRA rank x learning rate on base/dialogsum: one dict of overrides per run."""
     return [{"config.peft.lora_rank": r, "config.optimizer.learning_rate": lr}
             for r in (8, 16, 32) for lr in (3e-4, 1e-3)]

@@ -99,6 +99,23 @@ def _tasks_train_spm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from ift_jax import export
+    run = export.export_hf if args.format == "hf" else export.export_peft
+    print(run(args.workdir, args.output, args.step))
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    parser = sub.add_parser(
+        "export", help="write a run as an HF model (merged) or an HF PEFT LoRA adapter")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--format", choices=("hf", "peft"), required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
+    parser.set_defaults(run=_export)
+
+
 def _add_tasks_parser(sub) -> None:
     tasks = sub.add_parser("tasks", help="list, preview and measure SeqIO tasks and mixtures")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
@@ -153,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--hf_dir", help="HF T5/FLAN-T5/mT5 directory to load")
     info.set_defaults(run=_model_info)
     _add_tasks_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 
@@ -213,10 +231,10 @@ def _unknown_key_message(argv: Sequence[str]) -> Optional[str]:
 
 def _train(argv: Sequence[str]) -> int:
     config, workdir = _parse_config_flags("train", argv)
-    from ift_jax import distributed
-    distributed.initialize()
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from ift_jax import distributed
+    distributed.initialize()
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/seqio chatter
     from ift_jax import train
     train.train_and_evaluate(config, workdir)

@@ -41,8 +41,9 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
             raise ValueError("multi-process run needs IFT_JAX_NUM_PROCESSES and "
                              "IFT_JAX_PROCESS_ID (or --num_processes/--process_id) with "
                              f"the coordinator {coordinator}")
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Only the CPU client reads this; asking `jax.default_backend()` here
+        # would start the backends before `initialize`, which JAX refuses.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator,
                                    num_processes=num_processes, process_id=process_id)
     elif auto:

@@ -24,29 +24,15 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from ift_jax import checkpointing, hf, model_info, optim, partitioning
+from ift_jax import checkpointing, hf, model_info, optim, partitioning, peft
 from ift_jax.models import t5
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-# ----------------------------------------------------------------------------
-# Partitions as flat dicts: trainable and frozen hold disjoint leaves.
-
-
-def split(params: Any, mask: Any) -> tuple[dict, dict]:
-    """(trainable, frozen) nested dicts; each leaf lands in exactly one."""
-    flat, flat_mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
-    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
-    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
-    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
 def merge(trainable: Any, frozen: Any) -> dict:
-    """Inverse of `split`."""
-    flat = traverse_util.flatten_dict(frozen) if frozen else {}
-    flat.update(traverse_util.flatten_dict(trainable) if trainable else {})
-    return traverse_util.unflatten_dict(flat)
+    """Full params from the trainable and frozen partitions (`peft.merge_params`)."""
+    return peft.merge_params(trainable, frozen)
 
 
 # ----------------------------------------------------------------------------
@@ -74,6 +60,8 @@ class Setup:
     optimizer: Any
     flops_per_token: float
     init_params: Optional[dict] = None  # Host arrays of the `init_from` base model.
+    eval_model: Optional[nn.Module] = None  # Same params; LoRA dropout off.
+    prompt_config: Optional[peft.PromptConfig] = None
 
     @property
     def fingerprint(self) -> dict:
@@ -89,21 +77,19 @@ class Setup:
         return optim.learning_rate_at(self.optimizer_config, step)
 
     def trainable_mask(self, params: Any) -> Any:
-        if self.method == "full" and not self.config.peft.trainable_regex:
-            return jax.tree.map(lambda _: True, params)
-        from ift_jax import peft
         return peft.trainable_mask(params, self.method,
                                    self.config.peft.trainable_regex or None)
 
     def train_apply(self, params: Any, batch: dict, rng: Optional[jax.Array]) -> jax.Array:
-        return self._apply(params, batch, rng)
+        return self._apply(self.model, params, batch, rng)
 
     def eval_apply(self, params: Any, batch: dict, rng=None) -> jax.Array:
-        return self._apply(params, batch, None)
+        return self._apply(self.eval_model, params, batch, None)
 
-    def _apply(self, params, batch, rng):
+    @staticmethod
+    def _apply(model, params, batch, rng):
         rngs = {"dropout": rng} if rng is not None else {}
-        return self.model.apply(
+        return model.apply(
             {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
             batch["decoder_target_tokens"], batch.get("encoder_segment_ids"),
             batch.get("decoder_segment_ids"), batch.get("encoder_positions"),
@@ -148,11 +134,12 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     if config.init_from:
         arch, init_params = _load_init_from(config.init_from, arch)
     method = config.peft.method
-    model = _model_for(method, arch, config)
+    model, eval_model, prompt_cfg = _models_for(method, arch, config.peft)
     opt_cfg = optimizer_config(config)
     return Setup(config, arch, model, method, opt_cfg, optim.make_optimizer(opt_cfg),
                  training_flops_per_token(arch, config.data.inputs_length,
-                                          config.data.targets_length), init_params)
+                                          config.data.targets_length), init_params,
+                 eval_model, prompt_cfg)
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -168,20 +155,41 @@ def _load_init_from(source: str, arch: t5.T5Config) -> tuple[t5.T5Config, dict]:
     if _is_hf_dir(source):
         loaded, params = hf.load_t5(source)
         return loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate), params
+    if os.path.isdir(os.path.join(source, "checkpoints")):
+        from ift_jax import export  # export reads runs through this module.
+        loaded, params = export.params_from_workdir(source)
+        return loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate), params
     raise ValueError(f"init_from {source!r} is neither an HF T5 directory (config.json + "
                      f"weights) nor an ift_jax workdir with checkpoints")
 
 
-METHODS = ("full", "lora", "qlora", "prompt")
+def lora_config(peft_cfg: ml_collections.ConfigDict, quantize: bool) -> peft.LoraConfig:
+    return peft.LoraConfig(
+        rank=peft_cfg.lora_rank, alpha=peft_cfg.lora_alpha, dropout=peft_cfg.lora_dropout,
+        target_regex=peft_cfg.lora_targets or peft.DEFAULT_LORA_TARGETS, quantize=quantize,
+        tile_size=peft_cfg.qlora_tile_size)
 
 
-def _model_for(method: str, arch: t5.T5Config, config) -> nn.Module:
-    if method not in METHODS:
-        raise ValueError(f"peft.method {method!r}; methods: {', '.join(METHODS)}")
-    if method == "full":
-        return t5.Transformer(arch)
-    from ift_jax import peft
-    return peft.build_model(method, arch, config.peft)
+def prompt_config(peft_cfg: ml_collections.ConfigDict) -> peft.PromptConfig:
+    ids = tuple(int(i) for i in str(peft_cfg.prompt_init_text).split()) if (
+        peft_cfg.prompt_init == "text") else ()
+    return peft.PromptConfig(length=peft_cfg.prompt_length, init=peft_cfg.prompt_init,
+                             init_token_ids=ids)
+
+
+def _models_for(method: str, arch: t5.T5Config, peft_cfg):
+    """(training model, eval model, prompt config) for `method`."""
+    if method not in peft.METHODS:
+        raise ValueError(f"peft.method {method!r}; methods: {', '.join(peft.METHODS)}")
+    base = t5.Transformer(arch)
+    if method in ("lora", "qlora"):
+        cfg = lora_config(peft_cfg, quantize=method == "qlora")
+        return peft.apply_lora(base, cfg), peft.apply_lora(base, cfg, for_eval=True), None
+    if method == "prompt":
+        cfg = prompt_config(peft_cfg)
+        model = peft.apply_prompt_tuning(base, cfg)
+        return model, model, cfg
+    return base, base, None
 
 
 # ----------------------------------------------------------------------------
@@ -210,11 +218,11 @@ def initial_state(setup: Setup, tx, mesh, ckpt: checkpointing.Checkpointer):
         init_fn, jax.random.key(setup.config.train.seed), mesh)
     params, param_shardings = variables["params"], var_shardings["params"]
     latest = ckpt.latest_step()
-    if latest is None and setup.config.init_from:
-        params = _overlay(params, setup.init_params, param_shardings)
+    if setup.config.init_from:
+        params = _with_base(setup, params, param_shardings)
     mask = setup.trainable_mask(params)
-    trainable, frozen = split(params, mask)
-    trainable_sh, frozen_sh = split(param_shardings, mask)
+    trainable, frozen = peft.split_params(params, mask)
+    trainable_sh, frozen_sh = peft.split_params(param_shardings, mask)
     with partitioning.mesh_context(mesh):
         opt_state = jax.jit(tx.init)(trainable)
     state = TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
@@ -224,10 +232,7 @@ def initial_state(setup: Setup, tx, mesh, ckpt: checkpointing.Checkpointer):
     if latest is not None:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, meta = ckpt.restore(latest, abstract, setup.fingerprint)
-        if meta.get("init_from") and setup.method != "full":
-            frozen = split(_overlay(merge(trainable, frozen), setup.init_params,
-                                    param_shardings), mask)[1]
+        state, _ = ckpt.restore(latest, abstract, setup.fingerprint)
         logging.info("start-up: resumed from %s step %d", ckpt.directory, latest)
         return state, frozen, shardings, latest
     if setup.config.init_from:
@@ -249,6 +254,16 @@ def _state_shardings(state, trainable_sh, mesh):
         return replicated
 
     return type(state)(replicated, trainable_sh, jax.tree.map(on_mesh, state.opt_state))
+
+
+def _with_base(setup: Setup, params: Any, shardings: Any) -> Any:
+    """The run's params with the `init_from` base weights (frozen params of PEFT runs
+    come from here on every start, as checkpoints hold only the trainable part)."""
+    if setup.method == "full":
+        return _overlay(params, setup.init_params, shardings)
+    full = peft.init_adapters(setup.model, setup.init_params,
+                              jax.random.key(setup.config.train.seed), setup.prompt_config)
+    return jax.device_put(full, shardings)
 
 
 def _overlay(params: Any, loaded: dict, shardings: Any) -> Any:

@@ -149,6 +149,7 @@ def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
     def unboxed_init(r):
         return nn.unbox(init_fn(r))
 
-    with mesh_context(mesh, rules):
-        variables = jax.jit(unboxed_init, out_shardings=shardings)(rng)
+    # No mesh context here: out_shardings place every param, and wrappers such as
+    # qwix's LoRA may re-box reshaped kernels in ways a constraint would reject.
+    variables = jax.jit(unboxed_init, out_shardings=shardings)(rng)
     return variables, shardings

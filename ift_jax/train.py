@@ -92,7 +92,7 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: Array, *,
     metrics = {"loss": terms["loss_sum"] / denominator,
                "z_loss": terms["z_loss_sum"] / denominator,
                "accuracy": terms["correct"] / jnp.maximum(terms["tokens"], 1.0),
-               "target_tokens": terms["tokens"], "grad_norm": optax.global_norm(grads)}
+               "target_tokens": terms["tokens"], "grad_norm": optax.tree.norm(grads)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 

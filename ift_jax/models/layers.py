@@ -63,7 +63,8 @@ class DenseGeneral(nn.Module):
         kernel = self.param(
             "kernel", param_init(nn.initializers.normal(stddev=self.stddev), self.kernel_axes),
             shape, self.param_dtype)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        # jnp.asarray, not .astype: qwix intercepts it to pass QLoRA's NF4 kernels through.
+        x, kernel = x.astype(self.dtype), jnp.asarray(kernel, self.dtype)
         dims = ((contract, tuple(range(self.num_contract))), ((), ()))
         return jax.lax.dot_general(x, kernel, dims)
 

@@ -28,6 +28,7 @@ Param tree (t5x T5 1.1 naming, so t5x and HF checkpoints map one-to-one)::
                       pre_mlp_layer_norm, mlp}/...
     decoder/decoder_norm/scale
     decoder/logits_dense/kernel                      [embed, vocab]  (untied only)
+    prompt/embedding                  [prompt_length, embed]  (prompt tuning only)
 
 Every param carries logical axis names (`nn.with_logical_partitioning`); the
 mapping to mesh axes lives in `ift_jax.partitioning` alone.
@@ -225,6 +226,47 @@ def _positions(tokens_BxL: Array, positions_BxL: Optional[Array]) -> Array:
 
 
 # ----------------------------------------------------------------------------
+# Prompt tuning hook (Lester et al., 2021). Training, masks and the other
+# inits live in `ift_jax.peft`; here only the param and where it goes.
+
+
+class SoftPrompt(nn.Module):
+    """`[prompt_length, embed]` embeddings prepended to the encoder input.
+
+    Initialized uniform in [-0.5, 0.5] (the paper's "random uniform");
+    `ift_jax.peft.init_prompt` gives the vocab and text inits.
+    """
+
+    length: int
+    d_model: int
+    param_dtype: DType
+
+    @nn.compact
+    def __call__(self) -> Array:
+        def uniform(key, shape, dtype):
+            return jax.random.uniform(key, shape, dtype, -0.5, 0.5)
+        return self.param("embedding", layers.param_init(uniform, ("prompt_length", "embed")),
+                          (self.length, self.d_model), self.param_dtype)
+
+
+def _prepend_prompt(prompt_PxD: Array, x_BxLxD: Array, valid_BxL: Array,
+                    positions_BxL: Array) -> tuple[Array, Array, Array]:
+    """Embeddings, key validity and positions of `[prompt; tokens]`.
+
+    The prompt takes positions 0..P-1 and the tokens follow, as in HF T5 fed
+    `inputs_embeds=[prompt; token embeddings]`.
+    """
+    batch, p = x_BxLxD.shape[0], prompt_PxD.shape[0]
+    prompt_BxPxD = jnp.broadcast_to(prompt_PxD.astype(x_BxLxD.dtype)[None],
+                                     (batch,) + prompt_PxD.shape)
+    x_BxSxD = jnp.concatenate([prompt_BxPxD, x_BxLxD], axis=1)
+    valid_BxS = jnp.concatenate([jnp.ones((batch, p), bool), valid_BxL], axis=1)
+    prompt_pos = jnp.broadcast_to(jnp.arange(p, dtype=positions_BxL.dtype)[None],
+                                  (positions_BxL.shape[0], p))
+    return x_BxSxD, valid_BxS, jnp.concatenate([prompt_pos, positions_BxL + p], axis=1)
+
+
+# ----------------------------------------------------------------------------
 # Stacks and the full model.
 
 
@@ -234,15 +276,20 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL: Array, segment_ids_BxL: Optional[Array] = None,
-                 positions_BxL: Optional[Array] = None, *, deterministic: bool) -> Array:
+                 positions_BxL: Optional[Array] = None, *, deterministic: bool,
+                 prompt_PxD: Optional[Array] = None) -> Array:
+        """Encodes `[prompt; tokens]`: `[batch, prompt_len + length, d_model]`."""
         c = self.config
         x = self.embedder(tokens_BxL).astype(c.dtype)
-        x = layers.constrain(_dropout(c, x, deterministic), _EMBED_AXES)
+        valid = tokens_BxL > 0
         pos = _positions(tokens_BxL, positions_BxL)
+        if prompt_PxD is not None:
+            x, valid, pos = _prepend_prompt(prompt_PxD, x, valid, pos)
+        x = layers.constrain(_dropout(c, x, deterministic), _EMBED_AXES)
         bias = layers.RelativePositionBiases(
             c.relative_attention_num_buckets, c.relative_attention_max_distance,
             c.num_heads, True, c.dtype, c.param_dtype, name="relpos_bias")(pos, pos)
-        mask = _attention_mask(tokens_BxL > 0, segment_ids_BxL, segment_ids_BxL)
+        mask = _attention_mask(valid, segment_ids_BxL, segment_ids_BxL)
         bias = bias.astype(jnp.float32) + _mask_to_bias(mask)
         for i in range(c.num_layers):
             x = EncoderLayer(c, name=f"layers_{i}")(x, bias, deterministic=deterministic)
@@ -324,9 +371,16 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """T5 encoder-decoder with t5x's call signature. Returns fp32 logits `[B, L, V]`."""
+    """T5 encoder-decoder with t5x's call signature. Returns fp32 logits `[B, L, V]`.
+
+    Attributes:
+      prompt_length: prompt tuning's number of soft-prompt positions (0: none).
+        The prompt is prepended to the encoder input and attended to by the
+        decoder; callers keep passing token arrays without it.
+    """
 
     config: T5Config
+    prompt_length: int = 0
 
     def setup(self):
         c = self.config
@@ -336,13 +390,22 @@ class Transformer(nn.Module):
                                              ("vocab", "embed")))
         self.encoder = Encoder(c, self.token_embedder)
         self.decoder = Decoder(c, self.token_embedder)
+        if self.prompt_length:
+            self.prompt = SoftPrompt(self.prompt_length, c.d_model, c.param_dtype)
+
+    def _check_unpacked(self, encoder_segment_ids: Optional[Array]) -> None:
+        if self.prompt_length and encoder_segment_ids is not None:
+            raise ValueError("prompt tuning does not support packed inputs (encoder segment "
+                             "ids were given); build batches with packing off")
 
     def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
                encoder_positions: Optional[Array] = None, *,
                enable_dropout: bool = False) -> Array:
-        """Encoder output `[batch, length, d_model]` in the compute dtype."""
+        """Encoder output `[batch, prompt_length + length, d_model]` in the compute dtype."""
+        self._check_unpacked(encoder_segment_ids)
         return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
-                            deterministic=not enable_dropout)
+                            deterministic=not enable_dropout,
+                            prompt_PxD=self.prompt() if self.prompt_length else None)
 
     def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Optional[Array] = None,
@@ -355,6 +418,11 @@ class Transformer(nn.Module):
         The cache is created by a call with `decode=True` on full-length inputs
         (see `init_cache`); after that each call consumes `[batch, 1]` tokens.
         """
+        self._check_unpacked(encoder_segment_ids)
+        if self.prompt_length:  # The decoder attends to the prompt positions too.
+            prompt_tokens = jnp.ones((encoder_input_tokens.shape[0], self.prompt_length),
+                                     jnp.int32)
+            encoder_input_tokens = jnp.concatenate([prompt_tokens, encoder_input_tokens], 1)
         return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                             decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
                             decoder_positions, deterministic=not enable_dropout,

@@ -1,0 +1,128 @@
+"""PEFT runs end to end: frozen weights untouched, adapter-only state, exports, init_from."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ift_jax import export, hf, model_setup, partitioning, peft, train
+from ift_jax.models import t5
+from test_train import NoCheckpoints, tiny_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+BASE = t5.get_config("tiny", vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_layers=1,
+                     num_decoder_layers=1, dropout_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """An HF checkpoint with a byte-sized vocabulary, written by save_t5."""
+    rng = np.random.default_rng(0)
+    abstract = nn.unbox(t5.abstract_variables(BASE)["params"])
+    params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), abstract)
+    out = str(tmp_path_factory.mktemp("base"))
+    hf.save_t5(out, BASE, params)
+    return out
+
+
+def lora_config(base_dir, method="lora"):
+    config = tiny_config(steps=3)
+    config.init_from = base_dir
+    config.peft.method = method
+    config.peft.lora_rank, config.peft.qlora_tile_size = 4, 32
+    config.optimizer.learning_rate = 1e-2
+    return config
+
+
+@pytest.fixture(scope="module")
+def lora_run(base_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("lora_run"))
+    train.train_and_evaluate(lora_config(base_dir), workdir)
+    return workdir
+
+
+def test_frozen_params_are_bitwise_the_base_after_training(lora_run, base_dir):
+    _, base = hf.load_t5(base_dir)
+    setup, params, step = export.load_run(lora_run)
+    assert step == 3
+    flat = traverse_util.flatten_dict(params)
+    for path, value in traverse_util.flatten_dict(base).items():
+        np.testing.assert_array_equal(np.asarray(flat[path]), value, err_msg=str(path))
+    lora_b = [v for k, v in flat.items() if k[-1] == "kernel_lora_b"]
+    assert lora_b and any(np.abs(np.asarray(b)).max() > 0 for b in lora_b)  # B trained
+
+
+def test_optimizer_state_covers_only_the_trainable_params(base_dir):
+    config = lora_config(base_dir)
+    setup = model_setup.build(config)
+    mesh = partitioning.make_mesh([1, 1, 1], jax.devices()[:1])
+    state, frozen, _, _ = model_setup.initial_state(setup, setup.optimizer, mesh,
+                                                    NoCheckpoints())
+    trainable = sum(x.size for x in jax.tree.leaves(state.params))
+    frozen_count = sum(x.size for x in jax.tree.leaves(frozen))
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim >= 1)
+    assert trainable == peft.count_params(state.params) < frozen_count / 10
+    assert moments == 2 * trainable  # AdamW: mu and nu for the adapters only
+    paths = ["/".join(k) for k in traverse_util.flatten_dict(state.params)]
+    assert all(p.endswith(("kernel_lora_a", "kernel_lora_b")) for p in paths)
+
+
+def _logits_of_run(setup, params, enc, dec):
+    return np.asarray(setup.eval_model.apply({"params": params}, enc, dec))
+
+
+def _batch():
+    rng = np.random.default_rng(1)
+    return rng.integers(3, 259, (2, 12)), np.concatenate(
+        [np.zeros((2, 1), int), rng.integers(3, 259, (2, 6))], axis=1)
+
+
+def test_export_hf_loads_in_transformers_with_the_same_logits(lora_run, tmp_path):
+    export.export_hf(lora_run, str(tmp_path))
+    setup, params, _ = export.load_run(lora_run)
+    enc, dec = _batch()
+    ours = _logits_of_run(setup, params, enc, dec)
+    model = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.as_tensor(enc), decoder_input_ids=torch.as_tensor(dec)
+                    ).logits.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_export_peft_loads_onto_the_base_with_the_same_logits(lora_run, base_dir, tmp_path):
+    import peft as hf_peft
+    export.export_peft(lora_run, str(tmp_path))
+    setup, params, _ = export.load_run(lora_run)
+    enc, dec = _batch()
+    ours = _logits_of_run(setup, params, enc, dec)
+    base = transformers.T5ForConditionalGeneration.from_pretrained(base_dir)
+    model = hf_peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.as_tensor(enc), decoder_input_ids=torch.as_tensor(dec)
+                    ).logits.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_init_from_a_workdir_starts_from_its_merged_model(lora_run, tmp_path):
+    config = tiny_config(steps=2)
+    config.init_from = lora_run
+    setup = model_setup.build(config)
+    run_setup, run_params, _ = export.load_run(lora_run)
+    merged = export.plain_params(run_setup, run_params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 setup.init_params, jax.device_get(merged))
+
+
+def test_qlora_run_trains_and_keeps_nf4_base(base_dir, tmp_path):
+    config = lora_config(base_dir, method="qlora")
+    config.train.steps = 6
+    config.train.log_every = 3
+    last = train.train_and_evaluate(config, str(tmp_path))
+    rows = (tmp_path / "train_metrics.jsonl").read_text().splitlines()
+    first = float(__import__("json").loads(rows[0])["loss"])
+    assert last["loss"] < first
+    info = (tmp_path / "model-info.txt").read_text()
+    assert "method: qlora" in info
