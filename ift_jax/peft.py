@@ -438,3 +438,21 @@ def merge_params(trainable: PyTree, frozen: PyTree) -> dict:
     if both:
         raise PeftError(f"params both trainable and frozen: {_listing(both)}")
     return _unflatten({**flat_f, **flat_t})
+
+
+def with_adapter(base_params: PyTree, adapter: PyTree) -> dict:
+    """Base params (no LoRA leaves) plus one adapter: switching adapters on one base.
+
+    Load the base once, then call this per adapter (e.g. from
+    `hf.load_peft_adapter`); only the small adapter arrays are new each time.
+    Leaves become jax arrays, since qwix skips LoRA on numpy params.
+    """
+    base_flat = _flatten(base_params)
+    lora_in_base = sorted(_path(k) for k in base_flat if k[-1] in LORA_LEAVES)
+    if lora_in_base:
+        raise PeftError(f"base params already hold LoRA leaves: {_listing(lora_in_base)}")
+    adapter_flat = _flatten(adapter)
+    stray = sorted(_path(k) for k in adapter_flat if k[-1] not in LORA_LEAVES)
+    if stray:
+        raise PeftError(f"adapter holds non-LoRA params: {_listing(stray)}")
+    return merge_params(jax.tree.map(jnp.asarray, adapter), base_params)

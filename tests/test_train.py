@@ -163,3 +163,35 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     with pytest.raises(checkpointing.CheckpointMismatchError,
                        match="holds checkpoints of a different run.*d_model=32.*d_model=48"):
         train.train_and_evaluate(other, str(tmp_path))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path):
+    config = tiny_config(steps=20, checkpoint_every=1, log_every=1)
+    config.optimizer.learning_rate, config.optimizer.grad_clip_norm = 1e12, 0.0
+    config.optimizer.name, config.optimizer.schedule = "adamw", "constant"
+    config.loss.z_loss = 0.0
+    with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as info:
+        train.train_and_evaluate(config, str(tmp_path))
+    bad_step = int(__import__("re").search(r"at step (\d+)", str(info.value)).group(1))
+    saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+    assert all(s < bad_step for s in saved)
+
+
+def test_init_from_with_another_architecture_names_the_param_and_shapes(tmp_path):
+    import flax.linen as nn
+    from ift_jax import hf
+    from ift_jax.models import t5
+    other = t5.get_config("tiny", vocab_size=384, d_model=32, d_ff=48, d_kv=8, num_layers=1,
+                          num_decoder_layers=1)
+    abstract = nn.unbox(t5.abstract_variables(other)["params"])
+    hf.save_t5(str(tmp_path / "hf"), other,
+               jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract))
+    config = tiny_config(steps=2)
+    config.init_from = str(tmp_path / "hf")
+    config.model.d_ff = 64  # ignored: the architecture comes from the checkpoint
+    setup = model_setup.build(config)
+    assert setup.t5_config.d_ff == 48
+    with pytest.raises(ValueError, match=r"init_from param .* has shape .*, the model "
+                                         r"expects"):
+        model_setup._overlay({"a": {"kernel": np.zeros((2, 3))}},
+                             {"a": {"kernel": np.zeros((3, 2))}}, {"a": {"kernel": None}})

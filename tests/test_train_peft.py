@@ -126,3 +126,26 @@ def test_qlora_run_trains_and_keeps_nf4_base(base_dir, tmp_path):
     assert last["loss"] < first
     info = (tmp_path / "model-info.txt").read_text()
     assert "method: qlora" in info
+
+
+def test_adapters_of_two_runs_switch_on_one_loaded_base(lora_run, base_dir, tmp_path):
+    second = tmp_path / "second"
+    config = lora_config(base_dir)
+    config.train.seed, config.optimizer.learning_rate = 7, 3e-2
+    train.train_and_evaluate(config, str(second))
+    base_config, base = hf.load_t5(base_dir)
+    base = jax.tree.map(jax.numpy.asarray, base)  # loaded once
+    enc, dec = _batch()
+    outputs = []
+    for run in (lora_run, str(second)):
+        export.export_peft(run, str(tmp_path / "adapter"))
+        adapter = hf.load_peft_adapter(str(tmp_path / "adapter"), base_config)
+        model = peft.apply_lora(t5.Transformer(base_config),
+                                hf.load_peft_config(str(tmp_path / "adapter"), base_config),
+                                for_eval=True)
+        swapped = model.apply({"params": peft.with_adapter(base, adapter)}, enc, dec)
+        setup, params, _ = export.load_run(run)
+        np.testing.assert_allclose(swapped, _logits_of_run(setup, params, enc, dec),
+                                   rtol=1e-5, atol=1e-5)
+        outputs.append(np.asarray(swapped))
+    assert not np.allclose(outputs[0], outputs[1])  # really two different adapters
