@@ -54,8 +54,6 @@ def get_config(arg=None):
     c.train.log_every = 20
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
-    c.train.eval_every = 100
-    c.train.eval_batches = 4
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"

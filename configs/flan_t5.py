@@ -52,7 +52,7 @@ def get_config(arg=None):
     c.train.steps = 2000 if p["task"] == "dialogsum" else 10000
     c.train.batch_size = 32
     c.train.log_every = 50
-    c.train.checkpoint_every = c.train.eval_every = 500
+    c.train.checkpoint_every = 500
     c.loss.z_loss = 0.0
     c.peft.method = p["method"]
     o = c.optimizer
@@ -68,7 +68,7 @@ def get_config(arg=None):
         c.data.pack = False  # One prompt per example: packed rows would share it.
     if p["runlocal"]:
         c.train.steps, c.train.batch_size = 20, 4
-        c.train.log_every, c.train.checkpoint_every, c.train.eval_every = 5, 10, 10
+        c.train.log_every, c.train.checkpoint_every = 5, 10
         c.data.inputs_length, c.data.targets_length = 256, 64
     return c
 

@@ -76,3 +76,18 @@ def hf_logits(model, enc_ids, dec_ids, enc_mask=None):
     with torch.no_grad():
         out = model(input_ids=enc, attention_mask=mask, decoder_input_ids=dec)
     return out.logits.numpy(), out.encoder_last_hidden_state.numpy()
+
+
+def make_batch(vocab_size, batch=2, enc_len=80, dec_len=70, enc_pad=17, dec_pad=9, seed=0):
+    """(encoder ids, decoder inputs, targets); the second row padded at the end.
+
+    The defaults give sequences longer than max_distance=64.
+    """
+    rng = np.random.default_rng(seed)
+    enc = rng.integers(2, vocab_size, (batch, enc_len))
+    enc[1, enc_len - enc_pad:] = 0
+    targets = rng.integers(2, vocab_size, (batch, dec_len))
+    targets[1, dec_len - dec_pad:] = 0
+    dec_inputs = np.concatenate([np.zeros((batch, 1), int), targets[:, :-1]], axis=1)
+    return enc, dec_inputs, targets
+

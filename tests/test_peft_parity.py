@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import hf_reference
 from hf_reference import make_hf_checkpoint
 from ift_jax import hf, peft
 from ift_jax.models import t5
@@ -77,14 +78,9 @@ def lora_params_from_hf(model, base_params):
     return params
 
 
-def make_batch(vocab_size, batch=2, enc_len=13, dec_len=9, seed=0):
-    rng = np.random.default_rng(seed)
-    enc = rng.integers(2, vocab_size, (batch, enc_len))
-    enc[1, enc_len - 4:] = 0
-    targets = rng.integers(2, vocab_size, (batch, dec_len))
-    targets[1, dec_len - 3:] = 0
-    dec = np.concatenate([np.zeros((batch, 1), int), targets[:, :-1]], axis=1)
-    return enc, dec, targets
+def make_batch(vocab_size, seed=0):
+    return hf_reference.make_batch(vocab_size, enc_len=13, dec_len=9, enc_pad=4, dec_pad=3,
+                                   seed=seed)
 
 
 def hf_loss(model, enc, dec, targets, inputs_embeds=None, attention_mask=None):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import HF_CASES, UNTIED, hf_logits, make_hf_checkpoint
+from hf_reference import HF_CASES, UNTIED, hf_logits, make_batch, make_hf_checkpoint
 from ift_jax import hf
 from ift_jax.models import t5
 
@@ -30,17 +30,6 @@ def checkpoint(request, tmp_path_factory):
     built, reloaded = make_hf_checkpoint(case, hf_dir)
     config, params = hf.load_t5(hf_dir)
     return case, hf_dir, built, reloaded, config, params
-
-
-def make_batch(vocab_size, batch=2, enc_len=80, dec_len=70, seed=0):
-    """Sequences longer than max_distance=64, with padding in the second row."""
-    rng = np.random.default_rng(seed)
-    enc = rng.integers(2, vocab_size, (batch, enc_len))
-    enc[1, enc_len - 17:] = 0
-    targets = rng.integers(2, vocab_size, (batch, dec_len))
-    targets[1, dec_len - 9:] = 0
-    dec_inputs = np.concatenate([np.zeros((batch, 1), int), targets[:, :-1]], axis=1)
-    return enc, dec_inputs, targets
 
 
 def test_reference_is_unchanged_by_its_own_reload(checkpoint):
