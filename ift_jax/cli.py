@@ -12,6 +12,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
+# TensorFlow (tf.data under SeqIO) logs C++ warnings such as cache notices on
+# every run; keep errors only, unless the user asked otherwise.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 
 def _model_info(args: argparse.Namespace) -> int:
     from ift_jax import hf, model_info
