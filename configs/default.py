@@ -55,6 +55,16 @@ def get_config(arg=None):
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
 
+    # Evaluation at checkpoints: greedy decoding, the tasks' own metrics, written to
+    # eval/step_<N>.json and predictions/step_<N>/<task>.jsonl.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 100  # Steps; 0 = no evaluation during training.
+    c.eval.tasks = ""  # Comma-separated; empty = the tasks of data.mixture.
+    c.eval.split = "validation"
+    c.eval.max_examples = 64  # Per task; 0 = the whole split.
+    c.eval.batch_size = 32
+    c.eval.max_decode_length = 64
+
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 3e-3

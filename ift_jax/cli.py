@@ -103,6 +103,24 @@ def _tasks_train_spm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from ift_jax import evaluation
+    done = evaluation.evaluate_checkpoints(args.workdir, args.checkpoints)
+    print(f"evaluated steps: {done or 'none (all evaluated already)'}")
+    return 0
+
+
+def _add_eval_parser(sub) -> None:
+    parser = sub.add_parser("eval", help="decode and score a run's checkpoints "
+                            "(skips those already evaluated)")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--checkpoints", default="all", help="all | latest | STEP")
+    parser.set_defaults(run=_eval)
+
+
 def _export(args: argparse.Namespace) -> int:
     from ift_jax import export
     run = export.export_hf if args.format == "hf" else export.export_peft
@@ -175,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_model_info)
     _add_tasks_parser(sub)
     _add_export_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 

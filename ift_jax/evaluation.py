@@ -157,3 +157,65 @@ def recompute(workdir: str, step: int, task_name: str) -> dict[str, float]:
     for metric_fn in task.metric_fns:
         metrics.update({k: float(v) for k, v in metric_fn(targets, predictions).items()})
     return metrics
+
+
+# ----------------------------------------------------------------------------
+# Runs: evaluation during training and `ift-jax eval` over saved checkpoints.
+
+
+def spec_from_config(config) -> EvalSpec:
+    """`EvalSpec` from a run config (`config.eval`, `config.data`)."""
+    names = [t for t in config.eval.tasks.split(",") if t]
+    if not names:
+        from ift_jax.data.inspection import tasks_of
+        names = [t.name for t in tasks_of(config.data.mixture)]
+    return EvalSpec(tuple(names), config.eval.split, config.data.inputs_length,
+                    config.eval.batch_size, config.eval.max_examples or None)
+
+
+def greedy_predict_fn(model, params, max_decode_length: int) -> PredictFn:
+    """`predict_fn` decoding greedily with `model` (build it once: jit caches on it)."""
+    from ift_jax import decoding
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        tokens, _ = decoding.greedy(model, params, batch, max_decode_length=max_decode_length)
+        return np.asarray(tokens)
+    return predict
+
+
+def evaluate_checkpoints(workdir: str, which: str = "all") -> list[int]:
+    """Evaluates the run's checkpoints not evaluated yet; returns the steps done now.
+
+    Args:
+      which: `all`, `latest`, or a step number.
+    """
+    from ift_jax import checkpointing, export, model_setup
+    config = export.read_config(workdir)
+    model_setup.prepare_data(config)
+    ckpt = checkpointing.Checkpointer(workdir, read_only=True)
+    steps = ckpt.all_steps()
+    ckpt.close()
+    if which == "latest":
+        steps = steps[-1:]
+    elif which != "all":
+        if int(which) not in steps:
+            raise ValueError(f"{workdir} has no checkpoint {which}; steps: {steps}")
+        steps = [int(which)]
+    done = set(finished_steps(workdir))
+    spec = spec_from_config(config)
+    evaluated = []
+    for step in steps:
+        if step in done:
+            logging.info("step %d already evaluated; skipped", step)
+            continue
+        try:
+            setup, params, _ = export.load_run(workdir, step)
+        except Exception as e:  # A half-written checkpoint must not stop the others.
+            logging.warning("checkpoint %d of %s cannot be read (%s); skipped", step,
+                            workdir, str(e).splitlines()[0])
+            continue
+        predict = greedy_predict_fn(setup.eval_model, params, config.eval.max_decode_length)
+        evaluate(workdir, step, predict, spec)
+        evaluated.append(step)
+    return evaluated
+

@@ -310,6 +310,15 @@ def vocabulary_spec(config: ml_collections.ConfigDict) -> str:
                      "--config.data.vocab to 'byte' or a SentencePiece .model path")
 
 
+def prepare_data(config: ml_collections.ConfigDict) -> None:
+    """Data directory and vocabulary of this run; registers the tasks."""
+    from ift_jax.data import sources, vocabularies
+    if config.data.data_dir:
+        sources.set_data_dir(config.data.data_dir)
+    vocabularies.set_vocabulary(vocabulary_spec(config))
+    import ift_jax.tasks  # noqa: F401  (registers tasks)
+
+
 def train_batches(config: ml_collections.ConfigDict, start_step: int = 0
                   ) -> Iterator[dict[str, np.ndarray]]:
     """This host's share of each global training batch, continuing at `start_step`.
@@ -317,11 +326,8 @@ def train_batches(config: ml_collections.ConfigDict, start_step: int = 0
     The pipeline is deterministic for a seed, so resuming skips the batches
     already consumed: the data stream continues where it was.
     """
-    from ift_jax.data import pipeline, sources, vocabularies
-    if config.data.data_dir:
-        sources.set_data_dir(config.data.data_dir)
-    vocabularies.set_vocabulary(vocabulary_spec(config))
-    import ift_jax.tasks  # noqa: F401  (registers tasks)
+    from ift_jax.data import pipeline
+    prepare_data(config)
 
     hosts, index = jax.process_count(), jax.process_index()
     if config.train.batch_size % hosts:

@@ -216,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              batch_sharding)
     log = MetricsLog(workdir, config.train.steps, setup.flops_per_token,
                      config.device_peak_flops)
+    evaluator = _evaluator(config, setup, workdir, log)
     stop = StopRequested()
     rng = jax.random.key(config.train.seed)
     pending: Optional[tuple[int, dict]] = None
@@ -236,6 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     # Check this step's loss first: never checkpoint a non-finite state.
                     last, pending = _report(log, setup, *pending, config), None
                     ckpt.save(step, state, setup.checkpoint_meta())
+                if evaluator and (step % config.eval.every == 0 or step == config.train.steps):
+                    evaluator(step, model_setup.merge(state.params, frozen))
             if pending is not None:
                 last = _report(log, setup, *pending, config)
             if stop.requested:
@@ -247,6 +250,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.close()
         stop.restore()
     return last
+
+
+def _evaluator(config, setup, workdir: str, log: MetricsLog) -> Optional[Callable]:
+    """`(step, params) -> None` decoding and scoring the eval tasks, or None if off."""
+    if not config.eval.every:
+        return None
+    if jax.process_count() > 1:
+        logging.warning("evaluation during multi-host training is not supported yet; run "
+                        "`ift-jax eval --workdir=%s` afterwards", workdir)
+        return None
+    from ift_jax import evaluation
+    spec = evaluation.spec_from_config(config)
+
+    def run(step: int, params: Any) -> None:
+        predict = evaluation.greedy_predict_fn(setup.eval_model, params,
+                                               config.eval.max_decode_length)
+        results = evaluation.evaluate(workdir, step, predict, spec)
+        scalars = {f"eval/{task}/{k}": v for task, m in results.items() for k, v in m.items()}
+        log.writer.write_scalars(step, scalars)
+        print(f"eval step {step}: " + "  ".join(
+            f"{task} {k}={v:.2f}" for task, m in results.items() for k, v in m.items()
+            if k in ("rouge1", "rougeL", "accuracy", "bleu", "span_f1")), flush=True)
+    return run
 
 
 def _report(log: MetricsLog, setup, step: int, metrics: dict, config) -> dict:

@@ -83,3 +83,23 @@ def test_an_empty_split_is_an_error_naming_task_and_split():
     task = seqio.get_mixture_or_task("synthetic_sentiment")
     with pytest.raises(ValueError, match="'synthetic_sentiment': split 'validation' has no"):
         evaluation._examples(task, spec)
+
+
+def test_training_evaluates_at_checkpoints_and_offline_eval_skips_finished(tmp_path):
+    from ift_jax import train
+    from test_train import tiny_config
+    config = tiny_config(steps=4)
+    config.eval.every, config.eval.max_examples, config.eval.max_decode_length = 2, 4, 8
+    config.eval.tasks = "synthetic_sentiment"
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert evaluation.finished_steps(str(tmp_path / "run")) == [2, 4]
+    assert evaluation.evaluate_checkpoints(str(tmp_path / "run")) == []
+
+    config.eval.every = 0  # train without evaluating, then evaluate offline
+    train.train_and_evaluate(config, str(tmp_path / "offline"))
+    assert evaluation.finished_steps(str(tmp_path / "offline")) == []
+    assert evaluation.evaluate_checkpoints(str(tmp_path / "offline")) == [2, 4]
+    assert evaluation.evaluate_checkpoints(str(tmp_path / "offline")) == []
+    rows = (tmp_path / "offline" / "predictions" / "step_4" / "synthetic_sentiment.jsonl"
+            ).read_text().splitlines()
+    assert len(rows) == 4

@@ -22,6 +22,7 @@ def tiny_config(**train_overrides):
     config.train.steps = 4
     config.train.log_every = 2
     config.train.checkpoint_every = 2
+    config.eval.every = 0  # Decoding is tested on its own; keep loop tests fast.
     config.optimizer.warmup_steps = 1
     for key, value in train_overrides.items():
         setattr(config.train, key, value)

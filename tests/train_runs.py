@@ -24,7 +24,7 @@ TINY = ("--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.d
         "--config.model.num_layers=1", "--config.model.num_decoder_layers=1",
         "--config.data.mixture=synthetic_sentiment", "--config.data.inputs_length=96",
         "--config.data.targets_length=16", "--config.optimizer.warmup_steps=1",
-        "--config.mesh.fsdp=-1")
+        "--config.mesh.fsdp=-1", "--config.eval.every=0")
 
 
 def overrides(**values) -> list[str]:
