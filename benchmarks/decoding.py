@@ -1,0 +1,123 @@
+"""Decoding throughput, ours vs HF `generate`, on the same weights and inputs, in one run.
+
+Random weights of a T5 preset are written once with `save_t5`, loaded by both
+sides; the same batch of inputs is decoded greedily and with 4 beams for a
+fixed number of new tokens (EOS is suppressed on both sides by biasing its
+logit row, so every row decodes the full length and both do the same work).
+
+    python benchmarks/decoding.py --preset=small --batch=64 --new_tokens=32
+
+Reports generated tokens/s (batch x new tokens / median wall time over
+`--repeats` after one warm-up, which includes our compilation) and writes
+`benchmarks/results/decoding_<preset>_<device>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--input_length", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output_dir", default=os.path.join(os.path.dirname(__file__),
+                                                             "results"))
+    args = parser.parse_args(argv)
+
+    import flax.linen as nn
+    import jax
+    import torch
+    import transformers
+
+    from ift_jax import decoding, hf
+    from ift_jax.models import t5
+
+    config = t5.get_config(args.preset, dropout_rate=0.0)
+    rng = np.random.default_rng(0)
+    abstract = nn.unbox(t5.abstract_variables(config)["params"])
+    params = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), abstract)
+    params["decoder"]["logits_dense"]["kernel"][:, 1] = -10.0  # EOS never wins.
+    hf_dir = tempfile.mkdtemp()
+    hf.save_t5(hf_dir, config, params)
+    config, params = hf.load_t5(hf_dir)
+    params = jax.tree.map(jax.numpy.asarray, params)
+    model = t5.Transformer(config)
+    torch_model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    inputs = rng.integers(2, 32000, (args.batch, args.input_length))
+    inputs_pt = torch.as_tensor(inputs)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def ours(beams):
+        if beams == 1:
+            out, _ = decoding.greedy(model, params, inputs, max_decode_length=args.new_tokens)
+        else:
+            out, _ = decoding.beam_search(model, params, inputs, num_beams=beams,
+                                          max_decode_length=args.new_tokens)
+        return jax.block_until_ready(out)
+
+    def peer(beams):
+        with torch.no_grad():
+            return torch_model.generate(
+                input_ids=inputs_pt, max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens, num_beams=beams, do_sample=False,
+                decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+
+    results = {}
+    for beams in (1, 4):
+        for name, fn in (("ift_jax", ours), ("hf_generate", peer)):
+            first, median = _timed(lambda: fn(beams), args.repeats)
+            results[f"{name}_beams{beams}"] = {
+                "first_call_s": round(first, 3), "median_s": round(median, 3),
+                "tokens_per_s": round(args.batch * args.new_tokens / median, 1)}
+        results[f"ratio_beams{beams}"] = round(
+            results[f"ift_jax_beams{beams}"]["tokens_per_s"]
+            / results[f"hf_generate_beams{beams}"]["tokens_per_s"], 3)
+
+    device = jax.devices()[0]
+    record = {
+        "benchmark": "decoding", "preset": args.preset, "batch": args.batch,
+        "input_length": args.input_length, "new_tokens": args.new_tokens,
+        "precision": "float32", "results": results,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "jax_device": device.device_kind, "jax": jax.__version__,
+                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/decoding.py " + " ".join(argv or sys.argv[1:]),
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir,
+                        f"decoding_{args.preset}_{device.platform}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
