@@ -81,7 +81,7 @@ def evaluate_task(task: seqio.Task, predict_fn: PredictFn, spec: EvalSpec
     outputs: list[np.ndarray] = []
     for batch in _batches(examples, spec):
         outputs.extend(np.asarray(predict_fn(batch)))
-    rows, predictions, targets, invalid = [], [], [], 0
+    rows, invalid = [], 0
     for example, output in zip(examples, outputs):
         text, bad = decode_tokens(vocabulary, output)
         invalid += bad
@@ -91,12 +91,18 @@ def evaluate_task(task: seqio.Task, predict_fn: PredictFn, spec: EvalSpec
         references = [references] if isinstance(references, str) else list(references)
         rows.append({"inputs": example["inputs_pretokenized"].decode("utf-8"),
                      "references": references, "prediction": prediction})
-        predictions.append(prediction)
-        targets.append(references if len(references) > 1 else references[0])
+    return score(task, rows), rows, invalid
+
+
+def score(task: seqio.Task, rows: Sequence[dict]) -> dict[str, float]:
+    """The task's metrics over prediction rows (one reference stays a plain string)."""
+    targets = [r["references"] if len(r["references"]) > 1 else r["references"][0]
+               for r in rows]
+    predictions = [r["prediction"] for r in rows]
     metrics: dict[str, float] = {}
     for metric_fn in task.metric_fns:
         metrics.update({k: float(v) for k, v in metric_fn(targets, predictions).items()})
-    return metrics, rows, invalid
+    return metrics
 
 
 def write_step(workdir: str, step: int, results: dict[str, dict[str, float]],
@@ -150,13 +156,7 @@ def recompute(workdir: str, step: int, task_name: str) -> dict[str, float]:
     path = os.path.join(workdir, "predictions", f"step_{step}", f"{task_name}.jsonl")
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    targets = [r["references"] if len(r["references"]) > 1 else r["references"][0]
-               for r in rows]
-    predictions = [r["prediction"] for r in rows]
-    metrics: dict[str, float] = {}
-    for metric_fn in task.metric_fns:
-        metrics.update({k: float(v) for k, v in metric_fn(targets, predictions).items()})
-    return metrics
+    return score(task, rows)
 
 
 # ----------------------------------------------------------------------------
