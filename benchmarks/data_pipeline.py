@@ -14,14 +14,14 @@ Writes `benchmarks/results/data_pipeline_<mixture>_<vocab>.json`.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import sys
 import time
 
 import numpy as np
+
+import results_file
 
 
 def machine() -> dict:
@@ -82,16 +82,10 @@ def main(argv=None) -> int:
         "examples_per_packed_row": round(examples / (args.batches * args.batch_size), 2),
         "non_pad_share": round((input_tokens + target_tokens) / slots, 3),
         "machine": machine(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/data_pipeline.py " + " ".join(argv or sys.argv[1:]),
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir,
-                        f"data_pipeline_{args.mixture}_"
-                        f"{os.path.splitext(os.path.basename(args.vocab))[0]}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+    vocab = os.path.splitext(os.path.basename(args.vocab))[0]
+    results_file.write(result, args.output_dir, f"data_pipeline_{args.mixture}_{vocab}",
+                       "data_pipeline.py", argv)
     return 0
 
 

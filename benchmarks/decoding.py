@@ -15,8 +15,6 @@ Reports generated tokens/s (batch x new tokens / median wall time over
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import statistics
@@ -25,6 +23,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import results_file
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:
@@ -107,15 +107,9 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "jax_device": device.device_kind, "jax": jax.__version__,
                     "torch": torch.__version__, "transformers": transformers.__version__},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/decoding.py " + " ".join(argv or sys.argv[1:]),
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir,
-                        f"decoding_{args.preset}_{device.platform}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    print(json.dumps(record, indent=2))
+    results_file.write(record, args.output_dir, f"decoding_{args.preset}_{device.platform}",
+                       "decoding.py", argv)
     return 0
 
 
