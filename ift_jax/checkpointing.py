@@ -12,8 +12,6 @@ method (the fingerprint differs) instead of silently loading them.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from typing import Any, Optional
 
@@ -55,9 +53,6 @@ class Checkpointer:
             step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                              META: ocp.args.JsonSave(meta)}), force=force)
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def read_meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             **{META: ocp.args.JsonRestore()}))
@@ -88,11 +83,3 @@ def check_fingerprint(saved: dict, current: dict, where: str) -> None:
         raise CheckpointMismatchError(
             f"{where} holds checkpoints of a different run ({'; '.join(diffs)}); use another "
             f"--workdir, or delete the checkpoints to start over")
-
-
-def fingerprint_json(fingerprint: dict) -> str:
-    return json.dumps(fingerprint, sort_keys=True)
-
-
-def log_start(kind: str, detail: str) -> None:
-    logging.info("start-up: %s (%s)", kind, detail)

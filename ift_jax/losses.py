@@ -67,11 +67,6 @@ def sequence_weights(weights_BxL: jax.Array, segment_ids_BxL: jax.Array | None
     return jnp.where(weights_BxL > 0, weights_BxL / jnp.maximum(per_token, 1.0), 0.0)
 
 
-def num_sequences(weights_BxL: jax.Array, segment_ids_BxL: jax.Array | None) -> jax.Array:
-    """Number of sequences (segments) with at least one real target token."""
-    return jnp.sum(sequence_weights(weights_BxL, segment_ids_BxL))
-
-
 def loss_terms(logits: jax.Array, batch: dict, cfg: LossConfig) -> dict[str, jax.Array]:
     """Sums that normalize correctly across microbatches and devices.
 

@@ -81,15 +81,9 @@ class Setup:
                                    self.config.peft.trainable_regex or None)
 
     def train_apply(self, params: Any, batch: dict, rng: Optional[jax.Array]) -> jax.Array:
-        return self._apply(self.model, params, batch, rng)
-
-    def eval_apply(self, params: Any, batch: dict, rng=None) -> jax.Array:
-        return self._apply(self.eval_model, params, batch, None)
-
-    @staticmethod
-    def _apply(model, params, batch, rng):
+        """Logits of the training model; dropout on when `rng` is given."""
         rngs = {"dropout": rng} if rng is not None else {}
-        return model.apply(
+        return self.model.apply(
             {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
             batch["decoder_target_tokens"], batch.get("encoder_segment_ids"),
             batch.get("decoder_segment_ids"), batch.get("encoder_positions"),
@@ -200,7 +194,6 @@ def _models_for(method: str, arch: t5.T5Config, peft_cfg):
 class Shardings:
     state: Any
     frozen: Any
-    params: Any
 
 
 def _dummy(config) -> tuple[jax.Array, jax.Array]:
@@ -228,7 +221,7 @@ def initial_state(setup: Setup, tx, mesh, ckpt: checkpointing.Checkpointer):
     state = TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
     state_sh = _state_shardings(state, trainable_sh, mesh)
     state = jax.device_put(state, state_sh)
-    shardings = Shardings(state_sh, frozen_sh, param_shardings)
+    shardings = Shardings(state_sh, frozen_sh)
     if latest is not None:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

@@ -92,15 +92,9 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: Array, *,
     metrics = {"loss": terms["loss_sum"] / denominator,
                "z_loss": terms["z_loss_sum"] / denominator,
                "accuracy": terms["correct"] / jnp.maximum(terms["tokens"], 1.0),
-               "target_tokens": terms["tokens"], "grad_norm": optax.tree.norm(grads)}
+               "target_tokens": terms["tokens"], "grad_norm": optax.tree.norm(grads),
+               "input_tokens": jnp.sum(batch["encoder_input_tokens"] > 0) + terms["tokens"]}
     return TrainState(state.step + 1, params, opt_state), metrics
-
-
-def eval_step(params: Any, batch: dict, *, apply_fn: Callable,
-              loss_cfg: losses.LossConfig) -> dict:
-    """Teacher-forced loss terms (sums) of one batch, dropout off."""
-    logits = apply_fn(params, batch, None)
-    return losses.loss_terms(logits, batch, loss_cfg)
 
 
 # ----------------------------------------------------------------------------
@@ -227,8 +221,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             while step < config.train.steps and not stop.requested:
                 batch = next(batches)
                 state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(rng, step))
-                metrics["input_tokens"] = jnp.sum(batch["encoder_input_tokens"] > 0) + \
-                    metrics["target_tokens"]
                 step += 1
                 if pending is not None:  # Fetch step N-1 now that step N is queued.
                     last = _report(log, setup, *pending, config)
