@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1,<4",
     "rouge-score>=0.1.2,<0.2",
     "sacrebleu>=2.4,<3",
+    # Reports: plots of a run's metrics (`ift-jax report`).
+    "matplotlib>=3.9,<3.11",
 ]
 
 EXTRAS_REQUIRE = {

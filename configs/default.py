@@ -55,15 +55,24 @@ def get_config(arg=None):
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
 
-    # Evaluation at checkpoints: greedy decoding, the tasks' own metrics, written to
-    # eval/step_<N>.json and predictions/step_<N>/<task>.jsonl.
+    # Evaluation: decoding + the tasks' metrics, teacher-forced validation loss, rank
+    # classification over answer choices; written to eval/step_<N>.json and
+    # predictions/step_<N>/<task>.jsonl (ift_jax.evaluation).
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 100  # Steps; 0 = no evaluation during training.
-    c.eval.tasks = ""  # Comma-separated; empty = the tasks of data.mixture.
+    c.eval.at_start = True  # Also evaluate the starting model as step 0.
+    c.eval.tasks = ""  # Tasks or mixtures, comma-separated; empty = data.mixture.
+    # Held-out tasks (or mixtures, e.g. "ift_guard") evaluated at step 0 and every
+    # eval: forgetting = their change from step 0 (report/forgetting.json).
+    c.eval.guard_tasks = ""
+    c.eval.incontext_shots = ""  # e.g. "0,1,3": the starting model with k exemplars.
+    c.eval.metrics = ""  # Metric names replacing the tasks' own; empty = the tasks'.
     c.eval.split = "validation"
     c.eval.max_examples = 64  # Per task; 0 = the whole split.
     c.eval.batch_size = 32
     c.eval.max_decode_length = 64
+    c.eval.num_beams = 1  # 1 = greedy; >1 = beam search (HF's length penalty).
+    c.eval.length_penalty = 1.0
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"

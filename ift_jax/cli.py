@@ -103,13 +103,26 @@ def _tasks_train_spm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _quiet_logging() -> None:
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _shots(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--incontext={text!r}: give shot counts like 0,1,3") from None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    _quiet_logging()
     from ift_jax import evaluation
-    done = evaluation.evaluate_checkpoints(args.workdir, args.checkpoints)
-    print(f"evaluated steps: {done or 'none (all evaluated already)'}")
+    shots = _shots(args.incontext) if args.incontext is not None else None
+    done = evaluation.evaluate_checkpoints(args.workdir, args.checkpoints, shots)
+    print(f"evaluated steps: {done or 'none (all evaluated already)'}; tables in "
+          f"{args.workdir}/report/")
     return 0
 
 
@@ -118,7 +131,51 @@ def _add_eval_parser(sub) -> None:
                             "(skips those already evaluated)")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--checkpoints", default="all", help="all | latest | STEP")
+    parser.add_argument("--incontext", default=None, metavar="K,K,...",
+                        help="also evaluate the untuned starting model with K train "
+                             "exemplars per input, e.g. 0,1,3 (default: eval.incontext_shots)")
     parser.set_defaults(run=_eval)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ift_jax import report
+    path = report.write_report(args.workdir)
+    print(f"wrote {path}")
+    print(report.forgetting_summary(args.workdir))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    _quiet_logging()
+    import json
+    from ift_jax import evaluation
+    rows = evaluation.predict_rows(args.workdir, evaluation.read_inputs(args.input), args.step,
+                                   num_beams=args.num_beams,
+                                   max_decode_length=args.max_decode_length)
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        print(f"wrote {len(rows)} predictions to {args.output}")
+    else:
+        sys.stdout.writelines(lines)
+    return 0
+
+
+def _add_report_and_predict_parsers(sub) -> None:
+    parser = sub.add_parser("report", help="plots, tables, forgetting and a markdown summary "
+                            "of a run in WORKDIR/report/")
+    parser.add_argument("--workdir", required=True)
+    parser.set_defaults(run=_report)
+    parser = sub.add_parser("predict", help="generate from a trained run for the 'inputs' "
+                            "of each line of a JSONL file")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--input", required=True, help='JSONL, one {"inputs": "..."} per line')
+    parser.add_argument("--output", help="JSONL with a 'prediction' added (default: stdout)")
+    parser.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
+    parser.add_argument("--num_beams", type=int, default=None, help="default: eval.num_beams")
+    parser.add_argument("--max_decode_length", type=int, default=None)
+    parser.set_defaults(run=_predict)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -194,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tasks_parser(sub)
     _add_export_parser(sub)
     _add_eval_parser(sub)
+    _add_report_and_predict_parsers(sub)
     return parser
 
 

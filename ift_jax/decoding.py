@@ -10,6 +10,8 @@ What this module owns:
 - `greedy_uncached`: greedy by recomputing the full forward each step. Slow;
   it exists to check the cached path.
 - `filter_logits`: top-k / top-p (nucleus) filtering, as HF's warpers.
+- `score_targets`: teacher-forced log-likelihood of given targets (validation
+  loss, rank classification over answer choices).
 
 The model is called by method *name* (`method="encode"` / `"decode"`): a
 qwix LoRA model (`ift_jax.peft.apply_lora`) intercepts those names only, and
@@ -188,6 +190,36 @@ def greedy_uncached(model: nn.Module, params: PyTree, encoder_input_tokens: Arra
         if bool(jnp.all(done)):
             break
     return out
+
+
+# ----------------------------------------------------------------------------
+# Teacher-forced scoring: validation loss and rank classification.
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def score_targets(model: nn.Module, params: PyTree, encoder_input_tokens: Array,
+                  targets: Array) -> tuple[Array, Array, Array]:
+    """Teacher-forced log-likelihood of `targets` given the inputs, per row.
+
+    Args:
+      encoder_input_tokens: `[batch, inputs_length]`, padded with 0.
+      targets: `[batch, targets_length]`, EOS-terminated, padded with 0.
+
+    Returns:
+      `(log_likelihood [batch], correct [batch], tokens [batch])`: the sum of
+      the target tokens' log-probs, how many of them are the argmax, and how
+      many there are (pads excluded). Rank classification scores an answer
+      choice by its sum, as t5x's `rank_classification` does.
+    """
+    decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))  # Start token 0 first.
+    logits = model.apply({"params": params}, encoder_input_tokens, decoder_inputs,
+                         targets).astype(jnp.float32)
+    weights = (targets > 0).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return (jnp.sum(target_log_probs * weights, axis=-1), jnp.sum(correct * weights, axis=-1),
+            jnp.sum(weights, axis=-1))
 
 
 # ----------------------------------------------------------------------------

@@ -33,16 +33,20 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_run(workdir: str, step: Optional[int] = None
              ) -> tuple[model_setup.Setup, dict, int]:
-    """(setup, full params, step) of a run's checkpoint (latest by default)."""
+    """(setup, full params, step) of a run's checkpoint (latest by default).
+
+    Step 0 is the run's starting model (its `init_from`, or the seeded
+    initialization), with no checkpoint needed.
+    """
     config = read_config(workdir)
     setup = model_setup.build(config)
     ckpt = checkpointing.Checkpointer(workdir, read_only=True)
     try:
         steps = ckpt.all_steps()
-        if not steps:
+        if not steps and step != 0:
             raise FileNotFoundError(f"{workdir} has no checkpoints")
         step = steps[-1] if step is None else step
-        if step not in steps:
+        if step not in steps and step != 0:
             raise ValueError(f"{workdir} has no checkpoint {step}; steps: {steps}")
         mesh = partitioning.make_mesh([1, 1, 1], jax.local_devices()[:1])
         state, frozen, _, _ = model_setup.initial_state(setup, setup.optimizer, mesh,
@@ -59,8 +63,8 @@ class _AtStep:
         self._ckpt, self._step = ckpt, step
         self.directory = ckpt.directory
 
-    def latest_step(self) -> int:
-        return self._step
+    def latest_step(self) -> Optional[int]:
+        return self._step or None  # Step 0: nothing to restore, the start-up model.
 
     def restore(self, step, abstract_state, fingerprint):
         return self._ckpt.restore(step, abstract_state, fingerprint)

@@ -3,11 +3,15 @@
 Every metric is `fn(targets, predictions) -> dict[str, float]` with scores in
 [0, 100]. `targets[i]` is one reference (a str) or several (a list/tuple of
 str, e.g. the three summaries per dialogsum test dialogue); `predictions[i]`
-is a str.
+is a str. With several references, every metric counts the best-matching one
+(ROUGE per type via `score_multi`, accuracy/exact match if any matches); BLEU
+uses them all as sacrebleu's multi-reference streams.
 
 ROUGE comes from rouge-score and BLEU from sacrebleu, called the way the t5
 library's `t5.evaluation.metrics` calls them; nothing here re-implements them.
-Accuracy and span F1 are small enough to own. NER targets are written as text,
+Accuracy, exact match (SQuAD normalization) and span F1 are small enough to
+own. `METRICS` / `get(name)` look metrics up by name (`eval.metrics`). NER
+targets are written as text,
 `"Empire State Building (location); ESB (location)"`, or `"None"` when a
 sentence has no entities: `format_spans`, `parse_spans` and `bio_to_spans`
 convert between that text and (text, type) spans.
@@ -19,7 +23,8 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Sequence, Union
+import string
+from typing import Callable, Sequence, Union
 
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
@@ -134,6 +139,29 @@ def accuracy(targets: Sequence[Target], predictions: Sequence[str]) -> dict[str,
     return {"accuracy": 100.0 * hits / len(predictions)}
 
 
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalization: lowercase, drop punctuation and English
+    articles, collapse whitespace (as t5's `squad` exact match does)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(targets: Sequence[Target], predictions: Sequence[str]) -> dict[str, float]:
+    """Percentage of predictions equal to a reference after `normalize_answer`.
+
+    Unlike `accuracy`, "The Eiffel Tower." matches "eiffel tower". With several
+    references, matching any one counts.
+    """
+    _check_lengths(targets, predictions)
+    hits = sum(normalize_answer(prediction) in {normalize_answer(r) for r in _references(t)}
+               for t, prediction in zip(targets, predictions))
+    return {"exact_match": 100.0 * hits / len(predictions)}
+
+
 def format_spans(spans: Sequence[tuple[str, str]]) -> str:
     """Writes (text, type) spans as `"text (type); text (type)"`, or "None" if empty.
 
@@ -222,3 +250,20 @@ def bio_to_spans(tokens: Sequence[str], tags: Sequence[str]) -> list[tuple[str, 
         spans[-1][0].append(token)
         current_type = entity_type
     return [(" ".join(words), entity_type) for words, entity_type in spans]
+
+
+METRICS: dict[str, Callable[..., dict[str, float]]] = {
+    "rouge": rouge, "bleu": bleu, "accuracy": accuracy, "exact_match": exact_match,
+    "span_f1": span_f1,
+}
+
+
+def get(name: str) -> Callable[..., dict[str, float]]:
+    """The metric function called `name` (a key of `METRICS`).
+
+    Raises:
+      ValueError: naming the available metrics, if there is no such metric.
+    """
+    if name not in METRICS:
+        raise ValueError(f"no metric {name!r}; available: {', '.join(sorted(METRICS))}")
+    return METRICS[name]

@@ -218,6 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = start
     try:
         with partitioning.mesh_context(mesh):
+            if evaluator and start == 0:  # The starting model: step 0 and in-context.
+                evaluator(0, model_setup.merge(state.params, frozen))
             while step < config.train.steps and not stop.requested:
                 batch = next(batches)
                 state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(rng, step))
@@ -252,18 +254,19 @@ def _evaluator(config, setup, workdir: str, log: MetricsLog) -> Optional[Callabl
         logging.warning("evaluation during multi-host training is not supported yet; run "
                         "`ift-jax eval --workdir=%s` afterwards", workdir)
         return None
-    from ift_jax import evaluation
-    spec = evaluation.spec_from_config(config)
+    from ift_jax import evaluation, report
+    evaluator = evaluation.RunEvaluator(config, setup.eval_model, workdir)
 
     def run(step: int, params: Any) -> None:
-        predict = evaluation.greedy_predict_fn(setup.eval_model, params,
-                                               config.eval.max_decode_length)
-        results = evaluation.evaluate(workdir, step, predict, spec)
-        scalars = {f"eval/{task}/{k}": v for task, m in results.items() for k, v in m.items()}
-        log.writer.write_scalars(step, scalars)
-        print(f"eval step {step}: " + "  ".join(
-            f"{task} {k}={v:.2f}" for task, m in results.items() for k, v in m.items()
-            if k in ("rouge1", "rougeL", "accuracy", "bleu", "span_f1")), flush=True)
+        if step == 0:
+            for shots in evaluation.pending_incontext(config, workdir):
+                evaluator.incontext(shots, params)
+            if not config.eval.at_start or 0 in evaluation.finished_steps(workdir):
+                return
+        results = evaluator.step(step, params)
+        log.writer.write_scalars(step, {f"eval/{task}/{k}": v for task, m in results.items()
+                                        for k, v in m.items()})
+        report.write_tables(workdir)
     return run
 
 

@@ -3,6 +3,10 @@
 Files hold `{"prompt", "completion"}` rows; the completion's trailing
 `<|endoftext|>` is stripped. Each file has a train split only, so 90/10
 train/validation are made by a hash of the row index.
+
+The files keep no answer choices; for prompts with a fixed label set
+(promptsource's `answer_choices`, e.g. "negative ||| positive") they are
+listed in `ANSWER_CHOICES`, so evaluation can rank them (rank classification).
 """
 
 from ift_jax import metrics
@@ -50,14 +54,32 @@ FILES = (
     "yelp_review_full_format_rating",
 )
 
+# promptsource answer_choices of the prompts with a fixed label set.
+_SENTIMENT = ("negative", "positive")
+ANSWER_CHOICES = {
+    "imdb_Movie_Expressed_Sentiment": _SENTIMENT,
+    "imdb_Movie_Expressed_Sentiment_2": _SENTIMENT,
+    "rotten_tomatoes_Movie_Expressed_Sentiment": _SENTIMENT,
+    "rotten_tomatoes_Movie_Expressed_Sentiment_2": _SENTIMENT,
+    "wiki_qa_Decide_good_answer": ("No", "Yes"),
+    "wiki_qa_Is_This_True_": ("No", "Yes"),
+}
+
 PROMPTED = PatternTemplate("prompted", "{prompt}", "{completion}")
 
 
-def _prepare(record: dict) -> dict:
-    completion = record["completion"]
-    if completion.endswith(END_OF_TEXT):
-        completion = completion[: -len(END_OF_TEXT)]
-    return {"prompt": record["prompt"].strip(), "completion": completion.strip()}
+def _preparer(stem: str):
+    choices = ANSWER_CHOICES.get(stem)
+
+    def prepare(record: dict) -> dict:
+        completion = record["completion"]
+        if completion.endswith(END_OF_TEXT):
+            completion = completion[: -len(END_OF_TEXT)]
+        prepared = {"prompt": record["prompt"].strip(), "completion": completion.strip()}
+        if choices:
+            prepared["options"] = list(choices)
+        return prepared
+    return prepare
 
 
 def task_name(stem: str) -> str:
@@ -67,7 +89,7 @@ def task_name(stem: str) -> str:
 def _register(stem: str) -> str:
     source = sources.FileSource(
         task_name(stem), "t0_train_subset", {"all": f"{stem}.jsonl"},
-        ("prompt", "completion"), prepare=_prepare,
+        ("prompt", "completion"), prepare=_preparer(stem),
         hash_split={"train": 0.9, "validation": 0.1})
     name = task_name(stem)
     instructions.register_task(name, source, [PROMPTED],

@@ -228,3 +228,16 @@ def test_metrics_module_imports_without_tensorflow_seqio_or_jax():
             "print(sorted(m for m in ('tensorflow', 'seqio', 'jax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_exact_match_normalizes_case_punctuation_and_articles():
+    result = metrics.exact_match(["Eiffel Tower", ["a cat", "the dog"], "42"],
+                                 ["The Eiffel tower.", "Dog!", "forty-two"])
+    assert result == {"exact_match": pytest.approx(200 / 3)}
+    assert metrics.accuracy(["Eiffel Tower"], ["The Eiffel tower."])["accuracy"] == 0.0
+
+
+def test_metrics_are_found_by_name_and_unknown_names_list_the_available():
+    assert metrics.get("bleu") is metrics.bleu
+    with pytest.raises(ValueError, match="no metric 'rouge2'; available: accuracy, bleu"):
+        metrics.get("rouge2")

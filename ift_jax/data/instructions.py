@@ -11,11 +11,15 @@ split:
 - `mode="all"`: every template applied to every example (FLAN's
   `template_0toN`);
 - `num_shots=k`: k exemplars from the train split (never the example
-  itself), rendered with the same template and joined FLAN-style.
+  itself), rendered with the same template and joined FLAN-style; with
+  `fit_inputs_length` set, the last exemplars are dropped until the input
+  fits that many tokens (in-context baselines).
 
-Rendered features (strings): `inputs`, `targets`, `id`, `template`, and
+Rendered features (strings): `inputs`, `targets`, `id`, `template`,
 `references` (JSON list: the record's `references` field when it has one,
-e.g. dialogsum test's three summaries, else `[targets]`). Tokenization and
+e.g. dialogsum test's three summaries, else `[targets]`), `choices` (JSON
+list of the template's answer choices, `[]` when it has none; evaluation
+ranks them) and `shots` (exemplars actually used). Tokenization and
 EOS come from SeqIO's own preprocessors; evaluation gets the references
 back through `postprocess`.
 """
@@ -33,7 +37,8 @@ from ift_jax.data import sources as sources_lib
 from ift_jax.data import templates as templates_lib
 from ift_jax.data.vocabularies import TASK_VOCABULARY
 
-RENDERED_FEATURES = ("inputs", "targets", "id", "template", "references")
+RENDERED_FEATURES = ("inputs", "targets", "id", "template", "references", "choices",
+                     "shots")
 
 OUTPUT_FEATURES = {
     "inputs": seqio.Feature(TASK_VOCABULARY, add_eos=True, required=True),
@@ -52,6 +57,7 @@ class Rendering:
     few_shot_format: templates_lib.FewShotFormat = templates_lib.FewShotFormat()
     seed: int = 0
     exemplar_split: str = "train"
+    fit_inputs_length: int = 0  # Tokens (EOS included); 0 = keep every exemplar.
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -74,24 +80,36 @@ def render_records(records: Sequence[dict], templates: Sequence[Any], rendering:
         for t in chosen:
             template = templates[t]
             inputs, targets = (text.strip() for text in template.render(record))
+            shots = 0
             if rendering.num_shots:
-                inputs = _with_exemplars(inputs, template, rendering, example_id,
-                                         exemplar_pool, index if pool_is_records else None)
+                inputs, shots = _with_exemplars(inputs, template, rendering, example_id,
+                                                exemplar_pool,
+                                                index if pool_is_records else None)
             references = [r.strip() for r in record.get("references") or [targets]]
             columns["inputs"].append(inputs)
             columns["targets"].append(targets)
             columns["id"].append(example_id)
             columns["template"].append(template.name)
             columns["references"].append(json.dumps(list(references), ensure_ascii=False))
+            choices = template.answer_choices_for(record) or []
+            columns["choices"].append(json.dumps(choices, ensure_ascii=False))
+            columns["shots"].append(str(shots))
     return columns
 
 
 def _with_exemplars(inputs: str, template: Any, rendering: Rendering, example_id: str,
-                    pool: Sequence[dict], exclude: Optional[int]) -> str:
+                    pool: Sequence[dict], exclude: Optional[int]) -> tuple[str, int]:
+    """(inputs with exemplars, number of exemplars used)."""
     picks = templates_lib.choose_exemplars(len(pool), rendering.num_shots, rendering.seed,
                                            example_id, exclude=exclude)
     exemplars = [template.render(pool[i]) for i in picks]
-    return templates_lib.format_few_shot(exemplars, inputs, rendering.few_shot_format)
+    for shots in range(len(exemplars), -1, -1):
+        text = templates_lib.format_few_shot(exemplars[:shots], inputs,
+                                             rendering.few_shot_format) if shots else inputs
+        if (not rendering.fit_inputs_length
+                or len(TASK_VOCABULARY.encode(text)) + 1 <= rendering.fit_inputs_length):
+            return text, shots
+    return inputs, 0  # Too long even alone: truncated like any input.
 
 
 class InstructionDataSource(seqio.DataSource):
@@ -202,3 +220,26 @@ def register_variants(name: str, source: sources_lib.RecordSource, templates: Se
         register_task(names[2], source, templates,
                       rendering=Rendering(num_shots=num_shots, few_shot_format=fmt), **kwargs)
     return names
+
+
+def with_shots(task_name: str, shots: int, fit_inputs_length: int) -> seqio.Task:
+    """An instruction task rendered with `shots` train exemplars per input, the last
+    ones dropped until the input fits `fit_inputs_length` tokens (in-context
+    evaluation). Registered as `<task>_incontext_<k>shot`.
+
+    Raises:
+      ValueError: if the task is not an instruction task or has no train split.
+    """
+    task = seqio.get_mixture_or_task(task_name)
+    source = task.source
+    if not isinstance(source, InstructionDataSource):
+        raise ValueError(f"task {task_name!r} is not an instruction task (register_task); "
+                         "in-context evaluation renders exemplars from its templates")
+    if shots and source.rendering.exemplar_split not in source.records.splits:
+        raise ValueError(f"task {task_name!r} has no {source.rendering.exemplar_split!r} "
+                         f"split to draw in-context exemplars from")
+    rendering = dataclasses.replace(source.rendering, mode="random", num_shots=shots,
+                                    fit_inputs_length=fit_inputs_length)
+    return register_task(f"{task_name}_incontext_{shots}shot", source.records,
+                         source.templates, rendering=rendering,
+                         postprocess_fn=task.postprocess_fn, metric_fns=task.metric_fns)
