@@ -34,6 +34,10 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8,<10",
+        # Executing notebooks/ (tests/test_notebook.py).
+        "nbclient>=0.10,<0.12",
+        "nbformat>=5.10,<6",
+        "ipykernel>=6.29,<8",
     ],
     # Parity tests against the reference and importing `.bin` checkpoints.
     # torch is pinned exactly: a looser range pulls a multi-GB CUDA build.
@@ -56,8 +60,9 @@ setuptools.setup(
     # tasks/ and configs/ (DESIGN.md's layout) install as ift_jax.tasks and
     # ift_jax.configs, so the embedded default config works from any directory.
     packages=setuptools.find_packages(include=["ift_jax", "ift_jax.*"])
-    + ["ift_jax.tasks", "ift_jax.configs"],
-    package_dir={"ift_jax.tasks": "tasks", "ift_jax.configs": "configs"},
+    + ["ift_jax.tasks", "ift_jax.configs", "ift_jax.configs.sweeps"],
+    package_dir={"ift_jax.tasks": "tasks", "ift_jax.configs": "configs",
+                 "ift_jax.configs.sweeps": "configs/sweeps"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
+from ift_jax import fileio
+
 STATE = "state"
 META = "meta"
 
@@ -30,7 +32,9 @@ def _manager(directory: str, keep: int, save_interval_steps: int = 1,
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_interval_steps, create=not read_only,
         read_only=read_only, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+    # orbax wants absolute paths; a bucket path (gs://...) already is one.
+    directory = directory if fileio.is_remote(directory) else os.path.abspath(directory)
+    return ocp.CheckpointManager(directory, options=options,
                                  item_names=(STATE, META))
 
 

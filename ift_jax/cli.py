@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("train", help="train: --config=FILE[:arg] --workdir=DIR [--config.a.b=v]",
                    add_help=False)
+    sub.add_parser("sweep", help="run a config's get_sweep() points one after another: "
+                   "--config=FILE[:arg] --workdir=ROOT [--dry_run] [--in_process] "
+                   "[--config.a.b=v]",
+                   add_help=False)
 
     info = sub.add_parser(
         "model-info", help="params of a T5 preset or HF checkpoint: shapes, axes, counts",
@@ -255,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CONFIG_COMMANDS = ("train",)
+CONFIG_COMMANDS = ("train", "sweep")
 
 
 def default_config_path() -> str:
@@ -269,19 +273,30 @@ def _parse_config_flags(command: str, argv: Sequence[str]):
     from ml_collections import config_flags
     values = flags.FlagValues()
     try:
-        # config_flags reads override flags from sys.argv as it defines them.
+        # The override flags (--config.a.b=v) are found in `sys_argv`.
         config_flags.DEFINE_config_file(
             "config", default=default_config_path(), flag_values=values, lock_config=True,
+            sys_argv=[f"ift-jax {command}", *argv],
             help_string="config file (get_config(arg)); default: configs/default.py")
         flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, eval)",
                             flag_values=values)
         values([f"ift-jax {command}", *argv])
         config = values.config
     except (flags.Error, KeyError, AttributeError) as e:
-        raise ValueError(_unknown_key_message(argv) or str(e).splitlines()[0]) from None
+        raise ValueError(_unknown_key_message(argv) or _flag_error(e)) from None
     if not values.workdir:
         raise ValueError("--workdir is required")
     return config, values.workdir
+
+
+def _flag_error(error: Exception) -> str:
+    """absl's first line, plus the config file's own error when it raised one
+    (absl puts that at the end of a traceback)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    first, last = lines[0], lines[-1]
+    if "Traceback" in str(error) and last != first:
+        return f"{first.rstrip(':')}: {last}"
+    return first
 
 
 def _unknown_key_message(argv: Sequence[str]) -> Optional[str]:
@@ -315,10 +330,36 @@ def _train(argv: Sequence[str]) -> int:
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from ift_jax import distributed
-    distributed.initialize()
+    distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/seqio chatter
     from ift_jax import train
     train.train_and_evaluate(config, workdir)
+    return 0
+
+
+def _sweep(argv: Sequence[str]) -> int:
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from ift_jax import sweeps
+    dry_run, in_process = "--dry_run" in argv, "--in_process" in argv
+    argv = [a for a in argv if a not in ("--dry_run", "--in_process")]
+    specs = [a[len("--config="):] for a in argv if a.startswith("--config=")]
+    roots = [a[len("--workdir="):] for a in argv if a.startswith("--workdir=")]
+    unknown = [a for a in argv if not a.startswith(("--config=", "--workdir=", "--config."))]
+    if len(specs) != 1 or len(roots) != 1 or unknown:
+        raise ValueError("usage: ift-jax sweep --config=FILE[:arg] --workdir=ROOT [--dry_run] "
+                         "[--in_process] [--config.a.b=v ...]"
+                         + (f"; unexpected {unknown}" if unknown else ""))
+    extra = [a for a in argv if a.startswith("--config.")]
+    failed = sweeps.run(specs[0], roots[0], extra, dry_run,
+                        validate=lambda point_argv: _parse_config_flags("train", point_argv),
+                        in_process=in_process)
+    if failed:
+        print(f"ift-jax sweep: {failed} point(s) failed; see {roots[0]}/sweep_summary.md",
+              file=sys.stderr)
+        return 1
+    if not dry_run:
+        print(f"sweep summary: {roots[0]}/sweep_summary.md")
     return 0
 
 
@@ -326,7 +367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in CONFIG_COMMANDS:
         try:
-            return _train(argv[1:])
+            return (_train if argv[0] == "train" else _sweep)(argv[1:])
         except (ValueError, FileNotFoundError, KeyError, AttributeError) as e:
             print(f"ift-jax {argv[0]}: error: {e}", file=sys.stderr)
             return 2

@@ -1,7 +1,9 @@
 """Multi-host start-up: `jax.distributed.initialize` from flags or the environment.
 
 On Cloud TPU pod slices (and SLURM/Open MPI clusters JAX recognizes)
-`jax.distributed.initialize()` needs no arguments. Elsewhere set:
+`jax.distributed.initialize()` needs no arguments: `ift-jax train` calls it so
+when `IFT_JAX_DISTRIBUTED=auto` is set (launch/tpu.py sets it on every
+worker). Elsewhere set:
 
     IFT_JAX_COORDINATOR=host:port  IFT_JAX_NUM_PROCESSES=N  IFT_JAX_PROCESS_ID=i
 

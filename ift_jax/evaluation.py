@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import seqio
 
+from ift_jax import fileio
 from ift_jax import metrics as metrics_lib
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # [batch, inputs_length] -> [batch, length]
@@ -216,17 +217,17 @@ def _write_point(workdir: str, point: str, payload: dict, rows: dict[str, list[d
                  ) -> str:
     """Writes `predictions/<point>/` and then `eval/<point>.json`; returns the JSON path."""
     pred_dir = os.path.join(workdir, "predictions", point)
-    os.makedirs(pred_dir, exist_ok=True)
+    fileio.makedirs(pred_dir)
     for task, task_rows in rows.items():
-        with open(os.path.join(pred_dir, f"{task}.jsonl"), "w", encoding="utf-8") as f:
+        with fileio.open(os.path.join(pred_dir, f"{task}.jsonl"), "w") as f:
             for row in task_rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    fileio.makedirs(os.path.join(workdir, "eval"))
     path = os.path.join(workdir, "eval", f"{point}.json")
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with fileio.open(tmp, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)  # The JSON appears last: its presence means "point done".
+    fileio.replace(tmp, path)  # The JSON appears last: its presence means "point done".
     return path
 
 
@@ -281,10 +282,10 @@ def evaluate_incontext(workdir: str, shots: int, predict_fn: PredictFn, spec: Ev
 def finished_steps(workdir: str) -> list[int]:
     """Steps whose `eval/step_<N>.json` exists (evaluation finished)."""
     directory = os.path.join(workdir, "eval")
-    if not os.path.isdir(directory):
+    if not fileio.isdir(directory):
         return []
     steps = []
-    for name in os.listdir(directory):
+    for name in fileio.listdir(directory):
         if name.startswith("step_") and name.endswith(".json"):
             steps.append(int(name[len("step_"):-len(".json")]))
     return sorted(steps)
@@ -295,7 +296,7 @@ def recompute(workdir: str, step: int, task_name: str, metric_names: Sequence[st
     """Scores of one task recomputed from its predictions file alone."""
     task = seqio.get_mixture_or_task(task_name)
     path = os.path.join(workdir, "predictions", f"step_{step}", f"{task_name}.jsonl")
-    with open(path, encoding="utf-8") as f:
+    with fileio.open(path) as f:
         rows = [json.loads(line) for line in f]
     return score(task, rows, metric_names)
 
@@ -386,7 +387,8 @@ class RunEvaluator:
 
     @staticmethod
     def _log(title: str, results: dict) -> None:
-        shown = ("rouge1", "rougeL", "accuracy", "rank_accuracy", "bleu", "span_f1", "loss")
+        shown = ("rouge1", "rougeL", "accuracy", "rank_accuracy", "exact_match", "bleu",
+                 "span_f1", "loss")
         print(f"{title}: " + "  ".join(f"{task} {k}={v:.2f}" for task, m in results.items()
                                        for k, v in m.items() if k in shown), flush=True)
 
@@ -394,7 +396,7 @@ class RunEvaluator:
 def pending_incontext(config, workdir: str) -> list[int]:
     """The shot counts of `eval.incontext_shots` not evaluated yet in `workdir`."""
     return [int(k) for k in _names(config.eval.get("incontext_shots", ""))
-            if not os.path.exists(os.path.join(workdir, "eval", f"incontext_{int(k)}shot.json"))]
+            if not fileio.exists(os.path.join(workdir, "eval", f"incontext_{int(k)}shot.json"))]
 
 
 def evaluate_checkpoints(workdir: str, which: str = "all",
@@ -458,7 +460,7 @@ def read_inputs(path: str) -> list[dict]:
       ValueError: naming the file and line of a row that is not such an object.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with fileio.open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -19,15 +19,15 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from ift_jax import checkpointing, hf, model_setup, partitioning, peft
+from ift_jax import checkpointing, fileio, hf, model_setup, partitioning, peft
 from ift_jax.models import t5
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(f"{workdir} is not an ift_jax workdir: no config.json")
-    with open(path) as f:
+    with fileio.open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
 
 

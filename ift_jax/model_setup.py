@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from ift_jax import checkpointing, hf, model_info, optim, partitioning, peft
+from ift_jax import checkpointing, fileio, hf, model_info, optim, partitioning, peft
 from ift_jax.models import t5
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -144,12 +144,12 @@ def _is_hf_dir(path: str) -> bool:
 def _load_init_from(source: str, arch: t5.T5Config) -> tuple[t5.T5Config, dict]:
     """The base model of `init_from`: its architecture (with this run's dtype and
     dropout) and its params as host arrays."""
-    if not os.path.exists(source):
+    if not fileio.exists(source):
         raise FileNotFoundError(f"init_from {source!r}: no such file or directory")
     if _is_hf_dir(source):
         loaded, params = hf.load_t5(source)
         return loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate), params
-    if os.path.isdir(os.path.join(source, "checkpoints")):
+    if fileio.isdir(os.path.join(source, "checkpoints")):
         from ift_jax import export  # export reads runs through this module.
         loaded, params = export.params_from_workdir(source)
         return loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate), params
@@ -284,7 +284,7 @@ def write_model_info(workdir: str, setup: Setup, trainable: Any, frozen: Any) ->
               f"# params: total {total:,}; trainable {counts['trainable']:,} "
               f"({100 * counts['trainable'] / max(total, 1):.4f}%); "
               f"frozen {counts['frozen']:,}")
-    with open(os.path.join(workdir, "model-info.txt"), "w") as f:
+    with fileio.open(os.path.join(workdir, "model-info.txt"), "w") as f:
         f.write(model_info.format_model_info(boxed, header))
 
 

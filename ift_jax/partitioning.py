@@ -119,8 +119,36 @@ def logical_specs(boxed_tree: Any) -> Any:
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh,
                       rules: LogicalRules = DEFAULT_RULES) -> Any:
-    """`NamedSharding` per leaf of a boxed tree (e.g. from `jax.eval_shape(init)`)."""
-    return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+    """`NamedSharding` per leaf of a boxed tree (e.g. from `jax.eval_shape(init)`).
+
+    A dimension that its mesh axes do not divide evenly is replicated instead
+    (e.g. QLoRA's per-tile scales, `[embed / tile, ...]`, on a large fsdp axis).
+    """
+    shardings = nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+    return jax.tree.map(lambda sharding, leaf: _divisible(sharding, np.shape(leaf)),
+                        shardings, _values(boxed_tree),
+                        is_leaf=lambda x: x is None or isinstance(x, NamedSharding))
+
+
+def _values(boxed_tree: Any) -> Any:
+    """The boxed tree's values, unboxed without sharding constraints (which an active
+    mesh would otherwise apply to these abstract values)."""
+    def value(x):
+        return x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x
+    return jax.tree.map(value, boxed_tree,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def _divisible(sharding: Optional[NamedSharding], shape: tuple[int, ...]
+               ) -> Optional[NamedSharding]:
+    if sharding is None or not shape:
+        return sharding
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for dim, axes in enumerate(spec[:len(shape)]):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if shape[dim] % math.prod(sharding.mesh.shape[name] for name in names):
+            spec[dim] = None
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec[:len(shape)]))
 
 
 def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:

@@ -29,6 +29,8 @@ import os
 import re
 from typing import Union
 
+from ift_jax import fileio
+
 # Scores where higher is better, in the order that picks a task's primary metric.
 PRIMARY_METRICS = ("rank_accuracy", "accuracy", "exact_match", "span_f1", "rougeL",
                    "rougeLsum", "bleu", "rouge1")
@@ -50,7 +52,7 @@ Run = Union[str, os.PathLike, dict]
 
 def _read_json(path: str):
     try:
-        with open(path, encoding="utf-8") as f:
+        with fileio.open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); delete or rewrite it") from e
@@ -58,7 +60,7 @@ def _read_json(path: str):
 
 def _config_guard_tasks(workdir: str) -> list[str]:
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return []
     value = (_read_json(path).get("eval") or {}).get("guard_tasks") or ""
     names = value.split(",") if isinstance(value, str) else value
@@ -80,7 +82,7 @@ def load_eval(workdir: str) -> dict:
     workdir = os.fspath(workdir)
     directory = os.path.join(workdir, "eval")
     steps, incontext, recorded_guards = {}, {}, []
-    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    names = fileio.listdir(directory) if fileio.isdir(directory) else []
     for name in names:
         step_match, shots_match = _STEP_FILE.match(name), _INCONTEXT_FILE.match(name)
         if not (step_match or shots_match):
@@ -105,10 +107,10 @@ def load_train_metrics(workdir: str) -> list[dict]:
     (a run killed mid-write) is skipped with a warning.
     """
     path = os.path.join(os.fspath(workdir), "train_metrics.jsonl")
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return []
     by_step = {}
-    with open(path, encoding="utf-8") as f:
+    with fileio.open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -202,12 +204,12 @@ def write_tables(workdir: str) -> tuple[str, str]:
     run = load_eval(workdir)
     out_dir = _report_dir(workdir)
     csv_path = os.path.join(out_dir, "eval_table.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    with fileio.open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(eval_table(run))  # str(float) round-trips: full precision.
     md_path = os.path.join(out_dir, "eval_table.md")
-    with open(md_path, "w", encoding="utf-8") as f:
+    with fileio.open(md_path, "w") as f:
         f.write(f"# Evaluation of {run['workdir']}\n\n" + eval_markdown(run))
     return csv_path, md_path
 
@@ -287,7 +289,7 @@ def safe_filename(name: str) -> str:
 
 def _report_dir(workdir: str) -> str:
     out_dir = os.path.join(os.fspath(workdir), "report")
-    os.makedirs(out_dir, exist_ok=True)
+    fileio.makedirs(out_dir)
     return out_dir
 
 
@@ -311,7 +313,8 @@ def plot_train_loss(train_rows: list[dict], path: str) -> str | None:
     ax.plot(*zip(*points), color="C0")
     ax.set(xlabel="step", ylabel="training loss", title="training loss")
     ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
+    with fileio.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     return path
 
 
@@ -342,7 +345,8 @@ def plot_task(run: dict, task: str, path: str) -> str | None:
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
     fig.suptitle(task)
-    fig.savefig(path, dpi=100)
+    with fileio.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     return path
 
 
@@ -362,7 +366,8 @@ def plot_forgetting(result: dict, path: str) -> str | None:
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set(xlabel="Δ vs step 0 (primary metric)", title=f"forgetting at step {step}")
     ax.grid(axis="x", alpha=0.3)
-    fig.savefig(path, dpi=100)
+    with fileio.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     return path
 
 
@@ -435,10 +440,10 @@ def write_report(workdir: str) -> str:
     write_tables(workdir)
     result = forgetting(run)
     out_dir = _report_dir(workdir)
-    with open(os.path.join(out_dir, "forgetting.json"), "w", encoding="utf-8") as f:
+    with fileio.open(os.path.join(out_dir, "forgetting.json"), "w") as f:
         json.dump({**result, "summary": forgetting_summary(result)}, f, indent=2)
     plots = write_plots(workdir)
     path = os.path.join(out_dir, "README.md")
-    with open(path, "w", encoding="utf-8") as f:
+    with fileio.open(path, "w") as f:
         f.write(_readme(run, train_rows, forgetting_summary(result), plots))
     return path

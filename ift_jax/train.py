@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from ift_jax import fileio
 from ift_jax import checkpointing, losses, partitioning
 from ift_jax import model_setup
 
@@ -138,8 +139,7 @@ class MetricsLog:
         self._window_start, self._window_tokens = time.perf_counter(), 0.0
         self.writer.write_scalars(step, values)
         if self.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            fileio.append_text(self.path, json.dumps({"step": step, **values}) + "\n")
             done = time.perf_counter() - self._start
             eta = done / max(step, 1) * (self.total_steps - step)
             print(f"step {step}/{self.total_steps}  loss {values['loss']:.4f}  "
@@ -190,11 +190,11 @@ def jit_train_step(setup, shardings, batch_sharding) -> Callable:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming if the workdir has a checkpoint) and returns the last metrics."""
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     setup = model_setup.build(config)
     mesh = partitioning.make_mesh(dict(config.mesh))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with fileio.open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     tx = setup.optimizer
@@ -213,6 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluator = _evaluator(config, setup, workdir, log)
     stop = StopRequested()
     rng = jax.random.key(config.train.seed)
+    started = time.perf_counter()
     pending: Optional[tuple[int, dict]] = None
     last: dict = {}
     step = start
@@ -239,11 +240,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if ckpt.latest_step() != step:
                     ckpt.save(step, state, setup.checkpoint_meta(), force=True)
                 logging.warning("stopped at step %d; checkpoint saved", step)
+        if jax.process_index() == 0:
+            _write_summary(workdir, config, step, last, state.params, frozen, started)
     finally:
         ckpt.close()
         log.close()
         stop.restore()
     return last
+
+
+def peak_memory() -> dict[str, Optional[int]]:
+    """Peak bytes of this process: device (largest over local devices, where the
+    backend reports it; not on CPU) and host resident set."""
+    import resource
+    device = [d.memory_stats() or {} for d in jax.local_devices()]
+    peaks = [int(m["peak_bytes_in_use"]) for m in device if "peak_bytes_in_use" in m]
+    return {"device_bytes": max(peaks) if peaks else None,
+            "host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _write_summary(workdir: str, config, step: int, last: dict, trainable: Any, frozen: Any,
+                   started: float) -> None:
+    """`summary.json`: where the run stopped, its last metrics, sizes and peak memory
+    (sweeps read it; `finished` marks a run that reached `train.steps`)."""
+    counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+              for name, tree in (("trainable", trainable), ("frozen", frozen))}
+    summary = {"step": step, "steps": config.train.steps,
+               "finished": step >= config.train.steps,
+               "train": {k: float(v) for k, v in last.items()},
+               "params": {**counts, "total": counts["trainable"] + counts["frozen"]},
+               "peak_memory": peak_memory(), "wall_s": time.perf_counter() - started,
+               "device": jax.devices()[0].device_kind, "num_devices": jax.device_count()}
+    with fileio.open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
 
 
 def _evaluator(config, setup, workdir: str, log: MetricsLog) -> Optional[Callable]:

@@ -13,3 +13,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                            "data"))
 os.environ.setdefault("IFT_JAX_DATA_DIR", SHARED_DATA)
+
+# Many tests (and the training processes some of them start) compile the same tiny
+# programs: a compilation cache shared by this session's processes compiles each
+# once. A fresh directory per session, so nothing outlives the run.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    _CACHE = tempfile.mkdtemp(prefix="ift_jax_test_jit_cache_")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

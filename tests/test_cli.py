@@ -105,3 +105,8 @@ def test_train_with_a_missing_init_from_says_so(tmp_path):
     result = _ift_jax("train", f"--workdir={tmp_path}/w", f"--config.init_from={tmp_path}/none")
     assert result.returncode == 2
     assert f"init_from '{tmp_path}/none': no such file or directory" in result.stderr
+
+
+def test_an_error_raised_by_the_config_file_is_shown(capsys):
+    assert cli.main(["train", "--config=configs/flan_t5.py:base", "--workdir=/tmp/never"]) == 2
+    assert "unknown preset key 'base'; keys: size, method" in capsys.readouterr().err

@@ -101,3 +101,14 @@ def test_sharded_forward_equals_single_device(sharded):
     # Activation constraints took effect: batch over data*fsdp, vocab over tensor.
     assert logits.addressable_shards[0].data.shape == (4, 12, CONFIG.vocab_size // 4)
     np.testing.assert_allclose(logits, single, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dimension_the_mesh_does_not_divide_is_replicated():
+    mesh = partitioning.make_mesh({"fsdp": 8})
+    boxed = {"scale": nn.Partitioned(jax.ShapeDtypeStruct((4, 16), jnp.float32),
+                                     names=("embed", "mlp")),
+             "kernel": nn.Partitioned(jax.ShapeDtypeStruct((16, 16), jnp.float32),
+                                      names=("embed", "mlp"))}
+    shardings = partitioning.logical_shardings(boxed, mesh)
+    assert shardings["kernel"].spec == P("fsdp", "tensor")  # 16 rows over 8 devices
+    assert shardings["scale"].spec == P(None, "tensor")  # 4 rows cannot be split 8 ways

@@ -21,6 +21,8 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 
+from ift_jax import fileio
+
 _JSON_TYPE_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number",
                     bool: "a boolean", type(None): "null"}
 
@@ -35,7 +37,7 @@ class DataFileError(ValueError):
 def _read_text(path: str) -> str:
     """The file's text, decoded as UTF-8 (a leading byte-order mark is dropped)."""
     try:
-        with open(path, "rb") as f:
+        with fileio.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise DataFileError(f"{path}: no such file") from None

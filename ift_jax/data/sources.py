@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ift_jax import fileio
 from ift_jax.data import records as records_lib
 
 ENV_VAR = "IFT_JAX_DATA_DIR"
@@ -121,7 +122,7 @@ class FileSource(RecordSource):
                 f"config's data_dir) to the folder that holds {self.subdir}/")
         paths = [os.path.join(root, self.subdir, f) for f in self.files[key]]
         for p in paths:
-            if not os.path.exists(p):
+            if not fileio.exists(p):
                 raise MissingDataError(
                     f"{self.name}: expected {p}; set {ENV_VAR} (now {root!r}) to the folder "
                     f"that holds {self.subdir}/")

@@ -20,6 +20,8 @@ from typing import Iterable, Optional
 
 import seqio
 
+from ift_jax import fileio
+
 ENV_VAR = "IFT_JAX_VOCAB"
 DEFAULT_SPEC = "byte"
 
@@ -28,7 +30,7 @@ def make_vocabulary(spec: str, extra_ids: int = 0) -> seqio.Vocabulary:
     """`"byte"` -> ByteVocabulary; a path -> SentencePieceVocabulary (T5 ids)."""
     if spec == "byte":
         return seqio.ByteVocabulary(extra_ids=extra_ids)
-    if not os.path.exists(spec):
+    if not fileio.exists(spec):  # seqio reads gs:// paths too (tf.io.gfile).
         raise FileNotFoundError(
             f"vocabulary {spec!r}: no such SentencePiece model file; use 'byte' or the path "
             f"of a .model file (e.g. FLAN-T5's spiece.model)")

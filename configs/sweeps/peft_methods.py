@@ -1,0 +1,57 @@
+"""Full fine-tuning vs LoRA vs QLoRA vs prompt tuning on one task, side by side.
+
+    ift-jax sweep --config=configs/sweeps/peft_methods.py --workdir=runs/methods \\
+        --config.init_from=/path/to/flan-t5-base
+    ift-jax sweep --config=configs/sweeps/peft_methods.py:tiny --workdir=/tmp/methods
+
+FLAN-T5-base on DialogSum with each method's literature settings (those of
+`configs/flan_t5.py`, repeated here as overrides so each point is one
+`ift-jax train` command): trainable params, peak memory, validation loss and
+ROUGE per method in `ROOT/sweep_summary.{csv,md,png}`.
+
+Preset `tiny`: the embedded default's tiny T5 from scratch on the synthetic
+summaries, a few steps per method: a CPU smoke test of the machinery.
+"""
+
+from ift_jax.configs import default, flan_t5
+
+# Per method: the overrides that make the base (LoRA) config that method's preset.
+METHODS = {
+    "full": {"peft.method": "full", "optimizer.name": "adafactor",
+             "optimizer.learning_rate": 1e-3},
+    "lora": {"peft.method": "lora", "optimizer.name": "adamw",
+             "optimizer.learning_rate": 1e-3},
+    "qlora": {"peft.method": "qlora", "optimizer.name": "adamw",
+              "optimizer.learning_rate": 1e-3},
+    "prompt": {"peft.method": "prompt", "optimizer.name": "adafactor",
+               "optimizer.learning_rate": 0.3, "optimizer.weight_decay": 1e-5,
+               "data.pack": False},
+}
+
+
+def get_config(arg=None):
+    if arg == "tiny":
+        c = default.get_config()
+        c.data.mixture = "synthetic_support_summary"
+        c.train.steps, c.train.checkpoint_every, c.train.log_every = 6, 6, 3
+        c.train.batch_size = 8
+        c.data.inputs_length, c.data.targets_length = 128, 48
+        c.peft.method, c.peft.lora_rank, c.peft.lora_alpha = "lora", 8, 16.0
+        c.peft.qlora_tile_size, c.peft.prompt_length = 32, 8
+        c.optimizer.warmup_steps = 1
+        c.eval.every, c.eval.at_start, c.eval.max_examples = 6, False, 4
+        c.eval.max_decode_length = 8
+        return c
+    if arg:
+        raise ValueError(f"peft_methods presets: 'tiny' or none; got {arg!r}")
+    c = flan_t5.get_config("size=base,method=lora,task=dialogsum")
+    c.eval.every, c.eval.max_examples = c.train.checkpoint_every, 0
+    return c
+
+
+def get_sweep(arg=None):
+    points = [{"name": name, **overrides} for name, overrides in METHODS.items()]
+    if arg == "tiny":  # The tiny model from scratch: keep one learning rate that works.
+        for point in points:
+            point["optimizer.name"], point["optimizer.learning_rate"] = "adamw", 3e-3
+    return points
