@@ -17,7 +17,7 @@ runs on a CPU in about a minute (its numbers say nothing about LoRA).
 """
 
 from ift_jax import sweeps
-from ift_jax.configs import default, flan_t5
+from ift_jax.configs.sweeps import common
 
 RANKS = tuple(2 ** i for i in range(10))  # 1 ... 512
 TINY_RANKS = (1, 4, 16)
@@ -25,20 +25,11 @@ TINY_RANKS = (1, 4, 16)
 
 def get_config(arg=None):
     if arg == "tiny":
-        c = default.get_config()
-        c.data.mixture = "synthetic_support_summary"
-        c.train.steps, c.train.checkpoint_every, c.train.log_every = 6, 6, 3
-        c.train.batch_size = 8
-        c.data.inputs_length, c.data.targets_length = 128, 48
-        c.peft.method, c.peft.lora_alpha = "lora", 16.0
-        c.optimizer.warmup_steps = 1
-        c.eval.every, c.eval.at_start, c.eval.max_examples = 6, False, 4
-        c.eval.max_decode_length = 8
+        c = common.tiny_config()
     elif arg:
         raise ValueError(f"lora_rank presets: 'tiny' or none; got {arg!r}")
     else:
-        c = flan_t5.get_config("size=base,method=lora,task=dialogsum")
-        c.eval.every, c.eval.max_examples = c.train.checkpoint_every, 0
+        c = common.flan_t5_base_dialogsum()
     c.eval.metrics = "rouge,bleu"
     return c
 

@@ -13,7 +13,7 @@ Preset `tiny`: the embedded default's tiny T5 from scratch on the synthetic
 summaries, a few steps per method: a CPU smoke test of the machinery.
 """
 
-from ift_jax.configs import default, flan_t5
+from ift_jax.configs.sweeps import common
 
 # Per method: the overrides that make the base (LoRA) config that method's preset.
 METHODS = {
@@ -31,22 +31,12 @@ METHODS = {
 
 def get_config(arg=None):
     if arg == "tiny":
-        c = default.get_config()
-        c.data.mixture = "synthetic_support_summary"
-        c.train.steps, c.train.checkpoint_every, c.train.log_every = 6, 6, 3
-        c.train.batch_size = 8
-        c.data.inputs_length, c.data.targets_length = 128, 48
-        c.peft.method, c.peft.lora_rank, c.peft.lora_alpha = "lora", 8, 16.0
-        c.peft.qlora_tile_size, c.peft.prompt_length = 32, 8
-        c.optimizer.warmup_steps = 1
-        c.eval.every, c.eval.at_start, c.eval.max_examples = 6, False, 4
-        c.eval.max_decode_length = 8
+        c = common.tiny_config()
+        c.peft.lora_rank, c.peft.qlora_tile_size, c.peft.prompt_length = 8, 32, 8
         return c
     if arg:
         raise ValueError(f"peft_methods presets: 'tiny' or none; got {arg!r}")
-    c = flan_t5.get_config("size=base,method=lora,task=dialogsum")
-    c.eval.every, c.eval.max_examples = c.train.checkpoint_every, 0
-    return c
+    return common.flan_t5_base_dialogsum()
 
 
 def get_sweep(arg=None):
