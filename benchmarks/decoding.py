@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+import environment
 import results_file
 
 
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     from ift_jax import decoding, hf
     from ift_jax.models import t5
 
+    machine = environment.describe(jax.default_backend())
     config = t5.get_config(args.preset, dropout_rate=0.0)
     rng = np.random.default_rng(0)
     abstract = nn.unbox(t5.abstract_variables(config)["params"])
@@ -68,9 +70,11 @@ def main(argv=None) -> int:
     config, params = hf.load_t5(hf_dir)
     params = jax.tree.map(jax.numpy.asarray, params)
     model = t5.Transformer(config)
-    torch_model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
-    inputs = rng.integers(2, 32000, (args.batch, args.input_length))
-    inputs_pt = torch.as_tensor(inputs)
+    torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval().to(
+        torch_device)
+    inputs = rng.integers(2, config.vocab_size, (args.batch, args.input_length))
+    inputs_pt = torch.as_tensor(inputs, device=torch_device)
     torch.set_num_threads(os.cpu_count() or 1)
 
     def ours(beams):
@@ -83,10 +87,11 @@ def main(argv=None) -> int:
 
     def peer(beams):
         with torch.no_grad():
-            return torch_model.generate(
+            out = torch_model.generate(
                 input_ids=inputs_pt, max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens, num_beams=beams, do_sample=False,
                 decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+        return out.cpu()  # Waits for the device.
 
     results = {}
     for beams in (1, 4):
@@ -104,12 +109,12 @@ def main(argv=None) -> int:
         "benchmark": "decoding", "preset": args.preset, "batch": args.batch,
         "input_length": args.input_length, "new_tokens": args.new_tokens,
         "precision": "float32", "results": results,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "jax_device": device.device_kind, "jax": jax.__version__,
-                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": {**machine, "jax_device": device.device_kind,
+                    "load_at_end": environment.load()},
     }
     results_file.write(record, args.output_dir, f"decoding_{args.preset}_{device.platform}",
                        "decoding.py", argv)
+    shutil.rmtree(hf_dir, ignore_errors=True)
     return 0
 
 

@@ -1,0 +1,123 @@
+"""The benchmark scripts run end to end on a tiny T5 and the README table is built
+from their JSON (no timing asserts: speed is what the scripts measure, not test)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks")
+TINY = ["--inputs_length=32", "--targets_length=8", "--warmup=1", "--steps=1"]
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+def run_script(name, *args):
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, name), *args],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="module")
+def train_record(results_dir):
+    run_script("train_throughput.py", "--presets=tiny", "--methods=lora",
+               "--batch_sizes=tiny:2", "--lora_rank=4", "--prompt_length=4",
+               "--matmul_size=64", f"--output_dir={results_dir}", *TINY)
+    return read(os.path.join(results_dir, "train_throughput_tiny_cpu.json"))
+
+
+def test_train_throughput_measures_both_sides_from_the_same_start(train_record):
+    assert [e["method"] for e in train_record["entries"]] == ["lora"]
+    for entry in train_record["entries"]:
+        assert set(entry["sides"]) == {"ours", "hf_eager"}
+        for side in entry["sides"].values():
+            assert "error" not in side, side.get("error")
+            assert side["tokens_per_s"] > 0 and side["peak_memory_bytes"] > 0
+            assert 0 < side["mfu"]
+        check = entry["loss_check"]["hf_eager"]
+        assert check["ok"] and check["same_trainable_params"], check
+        assert check["max_relative_difference_all_steps"] < 1e-3, check  # same adapters
+    assert train_record["command"].startswith("python benchmarks/train_throughput.py")
+    assert train_record["machine"]["cpus"] >= 1
+
+
+def test_useful_tokens_counts_every_segment_of_a_packed_row():
+    sys.path.insert(0, BENCHMARKS)
+    import packing
+    packed = {"encoder_input_tokens": np.array([[5, 6, 7, 8, 0, 0]]),
+              "decoder_target_tokens": np.array([[3, 1, 4, 1]]),
+              "decoder_segment_ids": np.array([[1, 1, 2, 2]])}
+    padded = {"encoder_input_tokens": np.array([[5, 6, 0, 0], [7, 0, 0, 0]]),
+              "decoder_target_tokens": np.array([[3, 1, 0], [4, 1, 0]])}
+    assert packing.useful_tokens(packed) == (4, 4, 2)
+    assert packing.useful_tokens(padded) == (3, 4, 2)
+
+
+def test_packing_runs_on_dialogsum(results_dir):
+    # Byte-level DialogSum rows overflow 64 tokens, so both streams are full here; the
+    # test pins the plumbing (real data, both streams, three workers), not the gain.
+    run_script("packing.py", "--preset=tiny", "--batch_size=2", "--vocab=byte",
+               "--stat_batches=2", "--inputs_length=64", "--targets_length=16",
+               "--warmup=1", "--steps=1", "--no-ours_padded", f"--output_dir={results_dir}")
+    record = read(os.path.join(results_dir, "packing_dialogsum_tiny_cpu.json"))
+    counts = record["token_counts"]
+    assert counts["packed"]["useful_share"] >= counts["padded"]["useful_share"] > 0
+    assert set(record["sides"]) == {"ours_packed", "hf_eager_padded"}
+    assert all("error" not in side for side in record["sides"].values()), record["sides"]
+    assert record["ratios"]["ours_packed_over_peer_padded"] > 0
+
+
+def test_decoding_runs_on_tiny(results_dir):
+    run_script("decoding.py", "--preset=tiny", "--batch=2", "--input_length=8",
+               "--new_tokens=3", "--repeats=1", f"--output_dir={results_dir}")
+    record = read(os.path.join(results_dir, "decoding_tiny_cpu.json"))
+    assert record["results"]["ratio_beams4"] > 0
+
+
+def test_make_table_renders_a_row_per_figure(results_dir, train_record, tmp_path):
+    readme = tmp_path / "README.md"
+    run_script("make_table.py", f"--results_dir={results_dir}", f"--output={readme}")
+    text = readme.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "tiny" in line]
+    assert sum("train step" in r for r in rows) == 1
+    assert any("lora (b=2)" in r and "%" in r for r in rows)  # MFU column filled
+    assert "peak matmul 64³" in text
+
+
+def test_prompt_tuning_peer_trains_one_encoder_prompt_equal_to_ours(tmp_path):
+    # PEFT's seq2seq default makes a second (decoder) prompt table its forward never
+    # reads; the peer must have ours' trainable params and start from ours' prompt.
+    sys.path.insert(0, BENCHMARKS)
+    import hf_reference
+    import workers
+    hf_reference.make_hf_checkpoint("v1_1", str(tmp_path))
+    prompt = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32)
+    np.save(tmp_path / workers.PROMPT_FILE, prompt)
+    model, untied = workers._peer_model({"hf_dir": str(tmp_path), "method": "prompt",
+                                         "prompt_length": 5, "lora_rank": 4})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert untied and len(trainable) == 1
+    np.testing.assert_array_equal(trainable[0].detach().numpy(), prompt)
+
+
+def test_run_all_dry_run_lists_the_three_benchmarks():
+    out = run_script("run_all.py", "--dry_run", "--presets=small").stdout.splitlines()
+    assert [os.path.basename(line.split()[1]) for line in out] == [
+        "train_throughput.py", "packing.py", "decoding.py"]
