@@ -68,6 +68,13 @@ def _pair(a, b, fmt) -> str:
     return f"{fmt(a)} / {fmt(b)}"
 
 
+NOISY_SPREAD = 1.5  # Slowest / fastest timed step above this: the CPU was shared.
+
+
+def _noisy(side: dict) -> str:
+    return " †" if side.get("step_time_spread", 1.0) > NOISY_SPREAD else ""
+
+
 def _pct(x) -> str:
     return f"{100 * x:.1f}%" if x is not None else "—"
 
@@ -91,7 +98,8 @@ def train_rows(record: dict) -> list[str]:
                 continue
             rows.append(_row(
                 label, _device(record, ours), e["preset"], f"{e['method']} (b={e['batch_size']})",
-                _rate(ours["tokens_per_s"]), _rate(peer["tokens_per_s"]),
+                _rate(ours["tokens_per_s"]) + _noisy(ours),
+                _rate(peer["tokens_per_s"]) + _noisy(peer),
                 f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}",
                 _pair(ours.get("mfu"), peer.get("mfu"), _pct),
                 _pair(ours["peak_memory_bytes"], peer["peak_memory_bytes"], _gib),
@@ -109,7 +117,8 @@ def packing_rows(record: dict) -> list[str]:
         rows.append(_row(
             f"{record['task']} useful tokens/s: ours {label} vs HF padded", _device(record),
             record["preset"], f"{record['method']} (b={record['batch_size']})",
-            _rate(ours["useful_tokens_per_s"]), _rate(peer["useful_tokens_per_s"]),
+            _rate(ours["useful_tokens_per_s"]) + _noisy(ours),
+            _rate(peer["useful_tokens_per_s"]) + _noisy(peer),
             f"{ours['useful_tokens_per_s'] / peer['useful_tokens_per_s']:.2f}", "—",
             _pair(ours["peak_memory_bytes"], peer["peak_memory_bytes"], _gib), _date(record)))
     return rows
@@ -195,7 +204,9 @@ def render(results_dir: str) -> str:
             rows += ROWS[kind](record)
         if kind in ROWS or kind == "suite":
             bullets += notes(name, record)
-    lines = [INTRO, HEADER, *rows, "", "Notes per result file:", "", *bullets, ""]
+    legend = (f"† the slowest timed step took over {NOISY_SPREAD}x the fastest: something "
+              f"else used the machine during that measurement; rerun it.")
+    lines = [INTRO, HEADER, *rows, "", legend, "", "Notes per result file:", "", *bullets, ""]
     return "\n".join(lines)
 
 

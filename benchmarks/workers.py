@@ -69,7 +69,9 @@ def _tree_bytes(tree) -> int:
 
 def _timing(times: list[float], warmup: int) -> dict:
     timed = times[warmup:]
+    # max/min of the timed steps: well above 1 means something else took the CPU.
     return {"first_step_s": round(times[0], 4), "median_step_s": statistics.median(timed),
+            "step_time_spread": max(timed) / min(timed),
             "step_times_s": [round(t, 4) for t in times]}
 
 
@@ -81,7 +83,8 @@ def _run_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float],
     such as compilation (which the warm-up peak includes).
     """
     memory = {"rss_before_steps_bytes": environment.rss_bytes(),
-              "peak_rss_reset": environment.reset_peak_rss()}
+              "peak_rss_reset": environment.reset_peak_rss(),
+              "loadavg_1m_before_steps": os.getloadavg()[0]}
     times, losses = [], []
     for i in range(warmup + steps):
         if i == warmup:
@@ -91,6 +94,7 @@ def _run_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float],
         losses.append(step(i))
         times.append(time.perf_counter() - start)
     memory["peak_rss_bytes"] = environment.peak_rss_bytes()
+    memory["loadavg_1m_after_steps"] = os.getloadavg()[0]
     return times, losses, memory
 
 
