@@ -74,15 +74,23 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> Optional[int]:
-    """This process's peak resident set (VmHWM; ru_maxrss where /proc is missing)."""
+def _proc_status_bytes(field: str) -> Optional[int]:
+    """A `kB` field of /proc/self/status (e.g. VmHWM, VmRSS) in bytes; None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident set (VmHWM; ru_maxrss where /proc is missing)."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -91,11 +99,17 @@ def peak_rss_bytes() -> Optional[int]:
 
 
 def rss_bytes() -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
+    return _proc_status_bytes("VmRSS")
     return None
+
+
+def main_in_workdir(run, args, argv, prefix: str) -> int:
+    """Calls `run(args, machine, workdir, argv)` with a temporary workdir, removed after."""
+    import shutil
+    import tempfile
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    try:
+        run(args, describe(args.platform), workdir, argv)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0

@@ -1,6 +1,7 @@
 """Writes `benchmarks/README.md` from `benchmarks/results/*.json`: nothing typed by hand.
 
-    python benchmarks/make_table.py [--results_dir=benchmarks/results] [--output=benchmarks/README.md]
+    python benchmarks/make_table.py [--results_dir=benchmarks/results] \
+        [--output=benchmarks/README.md]
 
 One row per ours-vs-peer figure (training step, packing, decoding), with the
 device, preset, method, both figures, the ratio ours/peer, MFU and peak
@@ -33,9 +34,10 @@ counting input + target tokens, MFU = FLOPs per token × tokens/s ÷ the peak
 matmul rate measured in the same run, with the FLOPs executed: 6·N
 (`model_setup.training_flops_per_token`) for full fine-tuning, less the
 weight gradients PEFT never computes (~4·N) for LoRA and prompt tuning (the
-6·N figure the trainer logs is in the JSON as `mfu_6n`). Peak memory: device peak on GPU; on CPU the process's peak RSS over
-the timed steps (each side in its own process; the warm-up's peak, with our
-compilation, is in the JSON). Details and per-step numbers are in the JSON files.
+6·N figure the trainer logs is in the JSON as `mfu_6n`). Peak memory:
+device peak on GPU; on CPU the process's peak RSS over the timed steps
+(each side in its own process; the warm-up's peak, with our compilation, is
+in the JSON). Details and per-step numbers are in the JSON files.
 """
 
 

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
@@ -139,14 +137,8 @@ def measure(args, batch_paths: dict, workdir: str) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    machine = environment.describe(args.platform)
-    workdir = tempfile.mkdtemp(prefix="ift_jax_packing_")  # Vocabulary, batches, HF export.
-    try:
-        run(args, machine, workdir, argv)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    # Temporary workdir: vocabulary, batches, HF export.
+    return environment.main_in_workdir(run, parse_args(argv), argv, "ift_jax_packing_")
 
 
 def run(args, machine: dict, workdir: str, argv) -> None:

@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
@@ -196,14 +194,8 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    machine = environment.describe(args.platform)
-    workdir = tempfile.mkdtemp(prefix="ift_jax_bench_")  # Batches, HF exports (GBs).
-    try:
-        run(args, machine, workdir, argv)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    # Temporary workdir: batches, HF exports (GBs).
+    return environment.main_in_workdir(run, parse_args(argv), argv, "ift_jax_bench_")
 
 
 def run(args, machine: dict, workdir: str, argv) -> None:
@@ -227,7 +219,8 @@ def run(args, machine: dict, workdir: str, argv) -> None:
             "inputs_length": args.inputs_length, "targets_length": args.targets_length,
             "batch_size": batch, "batch_choice": (
                 "CPU: the smallest batch (2 for small, 1 for base and large) that keeps both "
-                "cores busy; one step takes ~1-15 s here, so the suite stays under an hour" if args.platform == "cpu" else
+                "cores busy; one step takes ~1-15 s here, so the suite stays under an hour"
+                if args.platform == "cpu" else
                 "GPU: a batch that fills the device for both sides"),
             "tokens_counted": "input + target tokens per step (all real: random ids, no "
                               "padding); prompt-tuning positions not counted",

@@ -428,13 +428,13 @@ def evaluate_checkpoints(workdir: str, which: str = "all",
             raise ValueError(f"{workdir} has no checkpoint {which}; steps: {steps}")
         steps = [int(which)]
     done = set(finished_steps(workdir))
-    evaluated, evaluator = [], None
+    evaluated, setup, evaluator = [], None, None
     for step in steps:
         if step in done:
             logging.info("step %d already evaluated; skipped", step)
             continue
         try:
-            setup, params, _ = export.load_run(workdir, step)
+            setup, params, _ = export.load_run(workdir, step, setup)
         except Exception as e:  # A half-written checkpoint must not stop the others.
             logging.warning("checkpoint %d of %s cannot be read (%s); skipped", step,
                             workdir, str(e).splitlines()[0])
@@ -444,8 +444,8 @@ def evaluate_checkpoints(workdir: str, which: str = "all",
         evaluated.append(step)
     shots = pending_incontext(config, workdir)
     if shots:
-        setup, params, _ = export.load_run(workdir, 0)
-        evaluator = RunEvaluator(config, setup.eval_model, workdir)
+        setup, params, _ = export.load_run(workdir, 0, setup)
+        evaluator = evaluator or RunEvaluator(config, setup.eval_model, workdir)
         for k in shots:
             evaluator.incontext(k, params)
     from ift_jax import report

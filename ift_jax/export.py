@@ -31,15 +31,18 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_run(workdir: str, step: Optional[int] = None
+def load_run(workdir: str, step: Optional[int] = None,
+             setup: Optional[model_setup.Setup] = None
              ) -> tuple[model_setup.Setup, dict, int]:
     """(setup, full params, step) of a run's checkpoint (latest by default).
 
     Step 0 is the run's starting model (its `init_from`, or the seeded
-    initialization), with no checkpoint needed.
+    initialization), with no checkpoint needed. Pass the `setup` of an earlier
+    call to read several checkpoints without rebuilding it (and reloading the
+    `init_from` base) each time; its model then stays the same object, so
+    jitted decoding compiles once.
     """
-    config = read_config(workdir)
-    setup = model_setup.build(config)
+    setup = setup or model_setup.build(read_config(workdir))
     ckpt = checkpointing.Checkpointer(workdir, read_only=True)
     try:
         steps = ckpt.all_steps()

@@ -178,7 +178,8 @@ def _format(metric: str, value) -> str:
     return f"{value:.0f}" if metric in COUNT_METRICS else f"{value:.2f}"
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of string cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -195,7 +196,7 @@ def eval_markdown(run: Run) -> str:
         metrics = _ordered_metrics({m for _, values in present for m in values})
         rows = [[label] + [_format(m, values.get(m)) for m in metrics]
                 for label, values in present]
-        sections.append(f"### {task}\n\n" + _markdown_table(["point"] + metrics, rows))
+        sections.append(f"### {task}\n\n" + markdown_table(["point"] + metrics, rows))
     return "\n\n".join(sections) + "\n"
 
 
@@ -404,7 +405,7 @@ def _primary_table(run: dict) -> str:
             continue
         rows.append([task, metric] + [_format(metric, p.get(task, {}).get(metric))
                                       for _, p in columns])
-    return _markdown_table(["task", "metric"] + [label for label, _ in columns], rows)
+    return markdown_table(["task", "metric"] + [label for label, _ in columns], rows)
 
 
 def _readme(run: dict, train_rows: list[dict], summary: str, plots: list[str]) -> str:

@@ -259,10 +259,11 @@ def write_summary(root: str, points: Sequence[Point]) -> tuple[str, str, Optiona
         writer.writeheader()
         writer.writerows(rows)
     md_path = os.path.join(root, "sweep_summary.md")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    from ift_jax import report
+    table = report.markdown_table(columns, [[_cell(r.get(c, "")) for c in columns]
+                                            for r in rows])
     with fileio.open(md_path, "w") as f:
-        f.write(f"# Sweep {root}\n\n" + "\n".join(lines) + "\n")
+        f.write(f"# Sweep {root}\n\n{table}\n")
     return csv_path, md_path, plot_summary(rows, os.path.join(root, "sweep_summary.png"))
 
 

@@ -27,8 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ift_jax import fileio
-from ift_jax import checkpointing, losses, partitioning
+from ift_jax import checkpointing, fileio, losses, partitioning
 from ift_jax import model_setup
 
 Array = jax.Array
