@@ -9,7 +9,12 @@ logit row, so every row decodes the full length and both do the same work).
 
 Reports generated tokens/s (batch x new tokens / median wall time over
 `--repeats` after one warm-up, which includes our compilation) and writes
-`benchmarks/results/decoding_<preset>_<device>.json`.
+`benchmarks/results/decoding_<preset>_<device>[_<tag>].json`.
+
+Precision: fp32 on CPU; on GPU bf16 weights and compute on both sides (HF
+`model.to(bfloat16)`, ours params cast to bf16 with `dtype=bfloat16`), as
+one serves a model, and a larger default batch and inputs that give the
+device work (`--batch=128 --input_length=512 --new_tokens=64`).
 """
 
 from __future__ import annotations
@@ -43,22 +48,34 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--input_length", type=int, default=128)
-    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=None, help="default: 64 CPU, 128 GPU")
+    parser.add_argument("--input_length", type=int, default=None,
+                        help="default: 128 CPU, 512 GPU")
+    parser.add_argument("--new_tokens", type=int, default=None, help="default: 32 CPU, 64 GPU")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default=None, help="default: float32 CPU, bfloat16 GPU")
+    parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("--output_dir", default=os.path.join(os.path.dirname(__file__),
                                                              "results"))
     args = parser.parse_args(argv)
 
+    import dataclasses
+
     import flax.linen as nn
     import jax
+    import jax.numpy as jnp
     import torch
     import transformers
 
     from ift_jax import decoding, hf
     from ift_jax.models import t5
 
+    gpu = jax.default_backend() == "gpu"
+    for key, cpu_value, gpu_value in (("batch", 64, 128), ("input_length", 128, 512),
+                                      ("new_tokens", 32, 64),
+                                      ("dtype", "float32", "bfloat16")):
+        if getattr(args, key) is None:
+            setattr(args, key, gpu_value if gpu else cpu_value)
     machine = environment.describe(jax.default_backend())
     config = t5.get_config(args.preset, dropout_rate=0.0)
     rng = np.random.default_rng(0)
@@ -68,11 +85,13 @@ def main(argv=None) -> int:
     hf_dir = tempfile.mkdtemp()
     hf.save_t5(hf_dir, config, params)
     config, params = hf.load_t5(hf_dir)
-    params = jax.tree.map(jax.numpy.asarray, params)
+    dtype = jnp.dtype(args.dtype)
+    config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     model = t5.Transformer(config)
     torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval().to(
-        torch_device)
+        torch_device, getattr(torch, args.dtype))
     inputs = rng.integers(2, config.vocab_size, (args.batch, args.input_length))
     inputs_pt = torch.as_tensor(inputs, device=torch_device)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -108,12 +127,14 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "decoding", "preset": args.preset, "batch": args.batch,
         "input_length": args.input_length, "new_tokens": args.new_tokens,
-        "precision": "float32", "results": results,
+        "precision": f"{args.dtype} weights and compute, both sides", "results": results,
+        "tag": args.tag, "ift_jax_from": os.path.dirname(decoding.__file__),
         "machine": {**machine, "jax_device": device.device_kind,
                     "load_at_end": environment.load()},
     }
-    results_file.write(record, args.output_dir, f"decoding_{args.preset}_{device.platform}",
-                       "decoding.py", argv)
+    tag = f"_{args.tag}" if args.tag else ""
+    results_file.write(record, args.output_dir,
+                       f"decoding_{args.preset}_{device.platform}{tag}", "decoding.py", argv)
     shutil.rmtree(hf_dir, ignore_errors=True)
     return 0
 

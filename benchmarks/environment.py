@@ -31,6 +31,18 @@ def _ram_bytes() -> Optional[int]:
         return None
 
 
+def _nvidia_smi() -> list[dict]:
+    """Name, memory, driver and SM clocks of each NVIDIA GPU (empty without nvidia-smi)."""
+    fields = "name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [dict(zip(fields.split(","), (v.strip() for v in line.split(","))))
+            for line in out.strip().splitlines()]
+
+
 def competing_processes(pattern: str = "pytest") -> list[str]:
     """Command lines of other processes matching `pattern` (`pgrep -af`), e.g. a test run."""
     try:
@@ -55,6 +67,8 @@ def describe(accelerator: str = "") -> dict:
             "cpu_model": cpu.get("Model name", platform.processor()),
             "cpus": os.cpu_count(), "ram_bytes": _ram_bytes(), "accelerator": accelerator,
             "load_at_start": load()}
+    if accelerator == "gpu":
+        info["gpus"] = _nvidia_smi()
     for name in ("jax", "jaxlib", "flax", "optax", "qwix", "torch", "transformers", "peft"):
         try:
             module = __import__(name)

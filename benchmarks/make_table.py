@@ -54,7 +54,8 @@ def _device(record: dict, side: dict | None = None) -> str:
     if side and side.get("platform") == "gpu":
         return side.get("device", "gpu")
     if machine.get("accelerator") == "gpu":
-        return machine.get("jax_device", "gpu")
+        gpus = machine.get("gpus") or [{}]
+        return gpus[0].get("name") or machine.get("jax_device", "gpu")
     return f"{machine.get('cpu_model') or 'CPU'} ({machine.get('cpus', '?')} cores)"
 
 
@@ -84,6 +85,16 @@ def _pct(x) -> str:
 PEERS = {"hf_eager": "HF eager", "hf_compile": "HF torch.compile"}
 
 
+def _failure(side: dict) -> str:
+    """'' for a measured side, else why not: not run (deadline) or failed."""
+    error = side.get("error")
+    if not error:
+        return ""
+    if error.startswith("not run"):
+        return "not run (time)"
+    return "ours failed" if error.startswith("ours failed") else "failed"
+
+
 def train_rows(record: dict) -> list[str]:
     rows = []
     for e in record["entries"]:
@@ -94,9 +105,8 @@ def train_rows(record: dict) -> list[str]:
             label = f"train step, tokens/s (vs {PEERS.get(name, name)})"
             if "error" in ours or "error" in peer:
                 rows.append(_row(label, _device(record), e["preset"],
-                                 f"{e['method']} (b={e['batch_size']})",
-                                 "failed" if "error" in ours else "", "failed"
-                                 if "error" in peer else "", "—", "—", "—", _date(record)))
+                                 f"{e['method']} (b={e['batch_size']})", _failure(ours),
+                                 _failure(peer), "—", "—", "—", _date(record)))
                 continue
             rows.append(_row(
                 label, _device(record, ours), e["preset"], f"{e['method']} (b={e['batch_size']})",
@@ -130,8 +140,9 @@ def decoding_rows(record: dict) -> list[str]:
     rows, r = [], record["results"]
     for beams, label in ((1, "greedy"), (4, "beam-4")):
         ours, peer = r[f"ift_jax_beams{beams}"], r[f"hf_generate_beams{beams}"]
+        tag = f" [{record['tag']}]" if record.get("tag") else ""
         rows.append(_row(
-            f"decoding {label}, new tokens/s (vs HF generate)", _device(record),
+            f"decoding {label}, new tokens/s (vs HF generate){tag}", _device(record),
             record["preset"], f"b={record['batch']}, {record['input_length']} in, "
                               f"{record['new_tokens']} new",
             _rate(ours["tokens_per_s"]), _rate(peer["tokens_per_s"]),

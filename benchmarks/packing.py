@@ -20,11 +20,19 @@ whitespace word, close to T5's vocabulary on this English text);
 `--vocab=PATH` uses a given `.model`, `--vocab=byte` bytes.
 
 Writes `benchmarks/results/packing_<task>_<preset>_<platform>.json`.
+
+A machine without TensorFlow/seqio (the GPU image) times batches made
+elsewhere: `--save_batches=DIR` builds the streams, their token counts and
+the vocabulary's description into DIR and stops; `--batches=DIR` times them.
+
+    python benchmarks/packing.py --batch_size=128 --save_batches=.bench_data/packing
+    python benchmarks/packing.py --batches=.bench_data/packing      # on the GPU host
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -34,6 +42,8 @@ import environment
 import results_file
 import train_throughput
 import workers
+
+STREAMS_FILE = "streams.json"
 
 
 def train_vocabulary(task: str, out_dir: str, size: int) -> str:
@@ -106,11 +116,23 @@ def parse_args(argv):
     parser.add_argument("--ours_padded", action=argparse.BooleanOptionalAction, default=True,
                         help="also time ours on the padded batches (splits the gain into "
                              "packing and step speed)")
+    parser.add_argument("--save_batches", default="",
+                        help="only build the packed and padded batches and their token "
+                             "counts into this folder")
+    parser.add_argument("--batches", default="",
+                        help="time the batches of a --save_batches folder (no seqio needed)")
     parser.add_argument("--output_dir", default=os.path.join(os.path.dirname(__file__),
                                                              "results"))
     args = parser.parse_args(argv)
     args.platform = train_throughput.platform()
     args.dtype = "float32" if args.platform == "cpu" else "bfloat16"
+    if args.batches:  # The batches' own shape and vocabulary.
+        with open(os.path.join(args.batches, STREAMS_FILE)) as f:
+            saved = json.load(f)
+        for key in ("task", "preset", "batch_size", "inputs_length", "targets_length",
+                    "vocab"):
+            setattr(args, key, saved[key])
+        args.saved = saved
     args.batch_size = args.batch_size or train_throughput.DEFAULT_BATCH[args.platform][
         args.preset]
     return args
@@ -141,21 +163,46 @@ def main(argv=None) -> int:
     return environment.main_in_workdir(run, parse_args(argv), argv, "ift_jax_packing_")
 
 
-def run(args, machine: dict, workdir: str, argv) -> None:
+def build_streams(args, out_dir: str) -> tuple[dict, dict]:
+    """The packed and padded batches to time (`.npz` in `out_dir`) and their token counts."""
     from ift_jax.data import vocabularies
     import ift_jax.tasks  # noqa: F401  (registers the tasks)
 
     vocab = args.vocab
     if vocab.startswith("train:"):
         vocabularies.set_vocabulary("byte")  # Reading raw texts needs no vocabulary.
-        vocab = train_vocabulary(args.task, workdir, int(vocab.split(":")[1]))
+        vocab = train_vocabulary(args.task, out_dir, int(vocab.split(":")[1]))
     vocabularies.set_vocabulary(vocab)
     _check_vocabulary_fits(vocab, args.preset)
     counts, batch_paths = {}, {}
     for name, pack in (("packed", True), ("padded", False)):
         timed, counts[name] = stream(args, pack)
-        batch_paths[name] = os.path.join(workdir, f"{name}.npz")
+        batch_paths[name] = os.path.join(out_dir, f"{name}.npz")
         workers.save_batches(batch_paths[name], timed)
+    return counts, batch_paths
+
+
+def run(args, machine: dict, workdir: str, argv) -> None:
+    if args.batches:
+        counts = args.saved["token_counts"]
+        batch_paths = {name: os.path.join(args.batches, f"{name}.npz")
+                       for name in ("packed", "padded")}
+    else:
+        out_dir = args.save_batches or workdir
+        os.makedirs(out_dir, exist_ok=True)
+        counts, batch_paths = build_streams(args, out_dir)
+        if args.save_batches:
+            with open(os.path.join(out_dir, STREAMS_FILE), "w") as f:
+                json.dump({"task": args.task, "preset": args.preset,
+                           "batch_size": args.batch_size,
+                           "inputs_length": args.inputs_length,
+                           "targets_length": args.targets_length, "vocab": args.vocab,
+                           "token_counts": counts, "command": " ".join(sys.argv)}, f, indent=2)
+            for name in os.listdir(out_dir):  # Only the batches travel.
+                if name.endswith((".model", ".vocab")):
+                    os.remove(os.path.join(out_dir, name))
+            print(f"wrote {out_dir}")
+            return
     sides = measure(args, batch_paths, workdir)
     feeds = {"ours_packed": "packed", "ours_padded": "padded", "hf_eager_padded": "padded"}
     for name, side in sides.items():
@@ -178,10 +225,12 @@ def run(args, machine: dict, workdir: str, argv) -> None:
         "timed_steps": args.steps, "token_counts": counts, "sides": sides,
         "useful_tokens": "non-pad input + target tokens (packed: every segment's tokens)",
         "ratios": ratios,
+        "batches_made_by": args.saved["command"] if args.batches else "this run",
         "machine": {**machine, "load_at_end": environment.load()},
     }
     if "ours_padded" in sides:  # Same weights (seed) and first padded batch on both sides.
-        record["loss_check_padded"] = train_throughput.loss_check(sides["ours_padded"], peer)
+        record["loss_check_padded"] = train_throughput.loss_check(sides["ours_padded"], peer,
+                                                                   args.dtype)
     results_file.write(record, args.output_dir,
                        f"packing_{args.task}_{args.preset}_{args.platform}", "packing.py", argv)
 

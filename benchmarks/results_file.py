@@ -8,8 +8,10 @@ import os
 import sys
 
 
-def write(record: dict, output_dir: str, name: str, script: str, argv) -> str:
-    """Adds date and command to `record`, writes `<output_dir>/<name>.json`, prints it."""
+def write(record: dict, output_dir: str, name: str, script: str, argv,
+          quiet: bool = False) -> str:
+    """Adds date and command to `record`, writes `<output_dir>/<name>.json`, prints it
+    (unless `quiet`)."""
     record = {**record,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds"),
@@ -19,5 +21,6 @@ def write(record: dict, output_dir: str, name: str, script: str, argv) -> str:
     path = os.path.join(output_dir, f"{name}.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
-    print(json.dumps(record, indent=2))
+    if not quiet:
+        print(json.dumps(record, indent=2))
     return path

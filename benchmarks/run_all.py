@@ -49,11 +49,16 @@ def commands(args) -> dict[str, list[str]]:
     common = ([] if os.path.abspath(args.output_dir) == default_dir
               else [f"--output_dir={args.output_dir}"])
     steps = [f"--warmup={args.warmup}", f"--steps={args.steps}"]
+    # Later parts keep their reserve: the training part gets the deadline minus theirs.
+    deadline = ([f"--deadline_s={args.deadline_s - args.reserve_s}"] if args.deadline_s
+                else [])
+    packing = ([f"--batches={args.packing_batches}"] if args.packing_batches
+               else [f"--preset={args.packing_preset}"])
     return {
         "train_throughput": [py, os.path.join(HERE, "train_throughput.py"),
-                             f"--presets={args.presets}", *steps, *common],
-        "packing": [py, os.path.join(HERE, "packing.py"), f"--preset={args.packing_preset}",
-                    *steps, *common],
+                             f"--presets={args.presets}", f"--lanes={args.lanes}",
+                             *steps, *deadline, *common],
+        "packing": [py, os.path.join(HERE, "packing.py"), *packing, *steps, *common],
         "decoding": [py, os.path.join(HERE, "decoding.py"), f"--preset={args.decoding_preset}",
                      f"--repeats={args.decoding_repeats}", *common],
     }
@@ -69,10 +74,20 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--only", default="train_throughput,packing,decoding")
+    parser.add_argument("--lanes", type=int, default=1,
+                        help="training workers at a time (see train_throughput.py)")
+    parser.add_argument("--deadline_s", type=float, default=0.0,
+                        help="a time limit for the suite (0: none): the training part stops "
+                             "starting workers at deadline_s - reserve_s")
+    parser.add_argument("--reserve_s", type=float, default=150.0,
+                        help="seconds kept for packing and decoding under --deadline_s")
+    parser.add_argument("--packing_batches", default="",
+                        help="a `packing.py --save_batches` folder (hosts without seqio)")
     parser.add_argument("--wait_for_idle_s", type=float, default=0.0,
                         help="first wait up to this long for running pytest processes")
     parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
-    parser.add_argument("--readme", default=os.path.join(HERE, "README.md"))
+    parser.add_argument("--readme", default=os.path.join(HERE, "README.md"),
+                        help="the table to regenerate ('' for none)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
     platform = train_throughput.platform()
@@ -98,8 +113,9 @@ def main(argv=None) -> int:
               "training_presets": args.presets,
               "busy_when_started": still_busy, "machine": environment.describe(platform)}
     results_file.write(record, args.output_dir, f"suite_{platform}", "run_all.py", argv)
-    from make_table import main as make_table
-    make_table([f"--results_dir={args.output_dir}", f"--output={args.readme}"])
+    if args.readme:
+        from make_table import main as make_table
+        make_table([f"--results_dir={args.output_dir}", f"--output={args.readme}"])
     return 0 if all(p["exit_code"] == 0 for p in parts.values()) else 1
 
 

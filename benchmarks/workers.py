@@ -30,6 +30,7 @@ and metrics; torch: `loss.item()` after the optimizer step, plus
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -47,6 +48,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(1, REPO_ROOT)
 
+LOCK_ENV = "IFT_BENCH_DEVICE_LOCK"
 PROMPT_FILE = "prompt.npy"
 ADAPTER_DIR = "adapter"  # Our initial LoRA adapters in HF PEFT format.
 
@@ -59,7 +61,7 @@ def load_batches(path: str) -> list[dict[str, np.ndarray]]:
 
 
 def save_batches(path: str, batches: list[dict[str, np.ndarray]]) -> None:
-    np.savez(path, **{k: np.stack([b[k] for b in batches]) for k in batches[0]})
+    np.savez_compressed(path, **{k: np.stack([b[k] for b in batches]) for k in batches[0]})
 
 
 def _tree_bytes(tree) -> int:
@@ -75,24 +77,62 @@ def _timing(times: list[float], warmup: int) -> dict:
             "step_times_s": [round(t, 4) for t in times]}
 
 
-def _run_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float], dict]:
+@contextlib.contextmanager
+def device_lock(what: str):
+    """Exclusive use of the device while `what` runs, where workers run side by side.
+
+    `train_throughput.py --lanes=2` runs two workers at a time (their imports,
+    set-up, weight export and the peer's model loading overlap); the file named
+    by `$IFT_BENCH_DEVICE_LOCK` (`flock`) makes sure no two of them compile or
+    time steps at once. Returns the seconds spent waiting for the lock.
+    """
+    path = os.environ.get(LOCK_ENV)
+    if not path:
+        yield
+        return
+    import fcntl
+    with open(path, "a") as f:
+        start = time.perf_counter()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        waited = time.perf_counter() - start
+        if waited > 1:
+            print(f"{what}: waited {waited:.0f} s for the device", file=sys.stderr, flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_steps(step, warmup: int, steps: int, first_step_locked: bool = True
+               ) -> tuple[list[float], list[float], dict]:
     """Step times, losses and peak RSS of `step(i)` over warm-up and timed steps.
 
     The RSS high-water mark is reset before the first step (set-up excluded) and
     again after the warm-up, so the timed steps' peak leaves out one-off costs
-    such as compilation (which the warm-up peak includes).
+    such as compilation (which the warm-up peak includes). All steps run under
+    `device_lock`, except the first when `first_step_locked` is False: the
+    peer's first step (`torch.compile`'s compilation, mostly host work) may then
+    overlap another worker's device work, which only that first step's own time
+    (reported, never in the median) can feel.
     """
     memory = {"rss_before_steps_bytes": environment.rss_bytes(),
               "peak_rss_reset": environment.reset_peak_rss(),
               "loadavg_1m_before_steps": os.getloadavg()[0]}
     times, losses = [], []
-    for i in range(warmup + steps):
+
+    def timed(i: int) -> None:
         if i == warmup:
             memory["peak_rss_warmup_bytes"] = environment.peak_rss_bytes()
             environment.reset_peak_rss()
         start = time.perf_counter()
         losses.append(step(i))
         times.append(time.perf_counter() - start)
+
+    if not first_step_locked:
+        timed(0)
+    with device_lock("steps"):
+        for i in range(len(times), warmup + steps):
+            timed(i)
     memory["peak_rss_bytes"] = environment.peak_rss_bytes()
     memory["loadavg_1m_after_steps"] = os.getloadavg()[0]
     return times, losses, memory
@@ -298,7 +338,7 @@ def run_peer(spec: dict) -> dict:
         return loss.item()
 
     times, losses, memory = _run_steps(lambda i: step(batches[i % len(batches)]),
-                                       spec["warmup"], spec["steps"])
+                                       spec["warmup"], spec["steps"], first_step_locked=False)
     params = {p.data_ptr(): p for p in model.parameters()}.values()
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     return {**_timing(times, spec["warmup"]), "losses": losses,
@@ -364,17 +404,26 @@ def spawn(kind: str, spec: dict, workdir: str, name: str, timeout_s: float = 720
     with open(spec_path, "w") as f:
         json.dump(spec, f, indent=2)
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {kind} worker", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), kind, spec_path,
                                result_path], capture_output=True, text=True,
                               timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    if proc.returncode != 0 or not os.path.exists(result_path):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"error": f"exit code {proc.returncode}: " + "\n".join(tail)}
-    with open(result_path) as f:
-        return json.load(f)
+        result = {"error": f"timed out after {timeout_s:.0f} s"}
+    else:
+        if proc.returncode != 0 or not os.path.exists(result_path):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+            result = {"error": f"exit code {proc.returncode}: " + "\n".join(tail)}
+        else:
+            with open(result_path) as f:
+                result = json.load(f)
+    result["worker_wall_s"] = round(time.perf_counter() - start, 1)
+    outcome = result.get("error", "").splitlines()[-1:] or [
+        f"median step {result['median_step_s']:.4f} s" if "median_step_s" in result else "ok"]
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {result['worker_wall_s']} s, "
+          f"{outcome[0][:200]}", file=sys.stderr, flush=True)
+    return result
 
 
 def main(argv: list[str]) -> int:

@@ -121,3 +121,83 @@ def test_run_all_dry_run_lists_the_three_benchmarks():
     out = run_script("run_all.py", "--dry_run", "--presets=small").stdout.splitlines()
     assert [os.path.basename(line.split()[1]) for line in out] == [
         "train_throughput.py", "packing.py", "decoding.py"]
+
+
+def _throughput_jobs(argv):
+    sys.path.insert(0, BENCHMARKS)
+    import train_throughput
+    args = train_throughput.parse_args(argv)
+    paths = {p: f"{p}.npz" for p in args.presets.split(",")}
+    return train_throughput, train_throughput.jobs_in_order(args, paths, "/unused")
+
+
+def test_jobs_put_ours_and_the_eager_peer_first_and_compiled_peers_last():
+    _, jobs = _throughput_jobs(["--presets=tiny,small", "--methods=full,lora",
+                                "--peers=eager,compile"])
+    assert [j.name for j in jobs] == [
+        "tiny_full_ours", "tiny_full_hf_eager", "tiny_lora_ours", "tiny_lora_hf_eager",
+        "small_full_ours", "small_full_hf_eager", "small_lora_ours", "small_lora_hf_eager",
+        "tiny_full_hf_compile", "tiny_lora_hf_compile", "small_full_hf_compile",
+        "small_lora_hf_compile"]
+    peer = jobs[1].spec
+    assert peer["hf_dir"] == jobs[0].spec["export_dir"] and not peer["compile"]
+    assert jobs[-1].spec["compile"] and jobs[-1].spec["batches"] == "small.npz"
+
+
+def test_run_jobs_starts_a_peer_only_after_its_ours_and_honours_the_deadline(monkeypatch):
+    import threading
+    import time
+    train_throughput, jobs = _throughput_jobs(["--presets=tiny,small", "--methods=full,lora",
+                                               "--peers=eager,compile"])
+    import workers
+    started, lock = [], threading.Lock()
+
+    def fake_spawn(kind, spec, workdir, name, timeout_s):
+        with lock:
+            started.append(name)
+        assert kind == ("ours" if name.endswith("_ours") else "peer") and timeout_s > 0
+        time.sleep(0.01)
+        return {"error": "out of memory"} if name == "small_lora_ours" else {"median_step_s": 1}
+
+    monkeypatch.setattr(workers, "spawn", fake_spawn)
+    done = {}
+    train_throughput.run_jobs(jobs, "/unused", 2, time.time() + 600,
+                              lambda job, result: done.__setitem__(job.name, result))
+    assert set(done) == {j.name for j in jobs}
+    for job in jobs:
+        if job.side != "ours":
+            ours = f"{job.preset}_{job.method}_ours"
+            assert job.name not in started or started.index(job.name) > started.index(ours)
+    assert done["small_lora_hf_eager"] == {"error": "ours failed, so no shared weights"}
+    assert "small_lora_hf_compile" not in started and done["tiny_full_hf_compile"] == {
+        "median_step_s": 1}
+
+    started.clear()
+    done.clear()
+    train_throughput.run_jobs(jobs, "/unused", 2, time.time() + 5,  # Under MIN_JOB_S.
+                              lambda job, result: done.__setitem__(job.name, result))
+    assert not started and all(r["error"].startswith("not run") or "ours failed" in r["error"]
+                               for r in done.values())
+
+
+def test_device_lock_is_exclusive(tmp_path, monkeypatch):
+    import threading
+    import time
+    sys.path.insert(0, BENCHMARKS)
+    import workers
+    monkeypatch.setenv(workers.LOCK_ENV, str(tmp_path / "device.lock"))
+    inside, overlaps = [0], []
+
+    def hold():
+        with workers.device_lock("test"):
+            inside[0] += 1
+            overlaps.append(inside[0])
+            time.sleep(0.05)
+            inside[0] -= 1
+
+    threads = [threading.Thread(target=hold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [1, 1, 1]
