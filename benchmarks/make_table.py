@@ -31,10 +31,10 @@ do not edit by hand. Run the whole suite (CPU or GPU) with
 Every ours figure is measured in the same run as its peer figure, on the same
 weights and inputs. Training: median step time after warm-up, tokens/s
 counting input + target tokens, MFU = FLOPs per token × tokens/s ÷ the peak
-matmul rate measured in the same run, with the FLOPs executed: 6·N
-(`model_setup.training_flops_per_token`) for full fine-tuning, less the
-weight gradients PEFT never computes (~4·N) for LoRA and prompt tuning (the
-6·N figure the trainer logs is in the JSON as `mfu_6n`). Peak memory:
+matmul rate measured in the same run, with the FLOPs executed, as the
+trainer logs them (`model_setup.training_flops_per_token`): 6·N for full
+fine-tuning, ~4·N for LoRA and prompt tuning, whose frozen weights get no
+gradient (6·N of the plain model is in the JSON as `mfu_6n`). Peak memory:
 device peak on GPU; on CPU the process's peak RSS over the timed steps
 (each side in its own process; the warm-up's peak, with our compilation, is
 in the JSON). Details and per-step numbers are in the JSON files.

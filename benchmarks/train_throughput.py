@@ -18,16 +18,16 @@ both sides is compared (same weights and batch: fp32 agrees to ~1e-7), and so
 are the later steps' losses, which shows the peer does the same math
 (forward, backward, clipping, AdamW).
 
-MFU = FLOPs per token × tokens/s ÷ peak. FLOPs per token start from
-`model_setup.training_flops_per_token` (6·N per token, N = matmul weights a
-token passes through, plus the attention score/value products; the logits
-included, the embedding lookup not; for prompt tuning with the encoder run
-over 100 more positions), the formula the trainer logs (`mfu_6n`). PEFT
-steps never compute the weight gradients of frozen weights, so `mfu` counts
-the FLOPs executed: 6·N minus 2 per frozen matmul weight and token (~4·N for
-LoRA and prompt tuning). The peak is measured in the same run: the median
-rate of an `[n, n] @ [n, n]` matmul with jnp and with torch; MFU uses the
-larger.
+MFU = FLOPs per token × tokens/s ÷ peak. FLOPs per token are the ones the
+trainer logs MFU with, `model_setup.training_flops_per_token` of the method
+(its docstring has the formula): forward + input gradients for every matmul
+weight, weight gradients only for trainable ones, so ~6·N for full
+fine-tuning and ~4·N for LoRA (plus the adapters' own matmuls) and prompt
+tuning (with the encoder over 100 more positions); attention's score/value
+products included, elementwise work not. `mfu_6n` uses 6·N of the plain
+model over the same positions. The peak is measured in the same run: the
+median rate of an `[n, n] @ [n, n]` matmul with jnp and with torch; MFU uses
+the larger.
 
 Precision: fp32 on CPU; on GPU bf16 compute with fp32 master weights (ours:
 `model.dtype=bfloat16`; the peer: `torch.autocast(bfloat16)`), and the peer
@@ -198,7 +198,7 @@ def run_jobs(jobs: list[Job], workdir: str, lanes: int, deadline: float, on_done
                 else:
                     kind = "ours" if job.side == "ours" else "peer"
                     running[pool.submit(workers.spawn, kind, job.spec, workdir, job.name,
-                                        left)] = job
+                                        min(left, workers.TIMEOUT_S))] = job
                     continue
                 results[job.name] = result
                 on_done(job, result)
@@ -337,13 +337,12 @@ def write_preset(args, machine: dict, argv, preset: str, peak: dict, jobs: list[
         "optimizer": "AdamW (lr 1e-4 constant, no weight decay), grad clip 1.0, both "
                      "sides; loss: token-mean cross-entropy, no z-loss, dropout 0",
         "flops_formula": {
-            "six_n": "model_setup.training_flops_per_token: 6 x (matmul weights per "
-                     "token incl. logits + attention QK^T and AV products), per "
-                     "input+target token; prompt tuning: encoder over inputs+prompt "
-                     "positions; what the trainer logs as MFU",
-            "executed": "six_n minus 2 x the frozen matmul weights per token (weight "
-                        "gradients PEFT never computes): = six_n for full fine-tuning, "
-                        "~4N for LoRA and prompt tuning; LoRA adapters not counted",
+            "executed": "model_setup.training_flops_per_token of the method (what the "
+                        "trainer logs): 2 FLOPs forward + 2 input-gradient + 2 weight-"
+                        "gradient (trainable weights only) per matmul weight and position, "
+                        "+ attention score/value products; per input+target token",
+            "six_n": "6 x the plain model's matmul weights per token over the same "
+                     "positions (+ attention)",
             "mfu": "executed x tokens/s / peak_matmul.peak_flops_per_s (mfu_6n: six_n)"},
         "peak_matmul": peak, "entries": entries,
         "machine": {**machine, "load_at_end": environment.load()},

@@ -196,26 +196,21 @@ def _export(setup, state, frozen, out_dir: str) -> None:
     gc.collect()
 
 
-def flops_per_token(setup, frozen, spec: dict) -> dict:
+def flops_per_token(setup, spec: dict) -> dict:
     """Training FLOPs per input+target token, two ways.
 
-    `six_n`: `model_setup.training_flops_per_token` (6·N, what the trainer logs),
-    with prompt tuning's encoder over `prompt_length` more positions counted in.
-    `executed`: minus the weight gradients that are never computed, 2 FLOPs per
-    frozen matmul weight a token passes through (PEFT: every base kernel), so
-    LoRA / prompt tuning count ~4·N; LoRA's own small matmuls are not counted.
+    `executed`: what the trainer logs MFU with, `setup.flops_per_token`
+    (`model_setup.training_flops_per_token` of the method: weight gradients only
+    for trainable weights, so ~4·N for LoRA and prompt tuning, plus LoRA's own
+    matmuls and prompt tuning's extra encoder positions). `six_n`: 6·N of the
+    plain model over the same positions, the usual "6 × params" convention.
     """
-    from flax import traverse_util
     from ift_jax import model_setup
     inputs, targets = spec["inputs_length"], spec["targets_length"]
     prompt = spec["prompt_length"] if spec["method"] == "prompt" else 0
     per_token = model_setup.training_flops_per_token(setup.t5_config, inputs + prompt, targets)
-    six_n = per_token * (inputs + prompt + targets) / (inputs + targets)
-    kernels = {k: v.size for k, v in traverse_util.flatten_dict(frozen).items()
-               if k[-1] == "kernel"}
-    frozen_weights = sum(size * (inputs + prompt if k[0] == "encoder" else targets)
-                         for k, size in kernels.items()) / (inputs + targets)
-    return {"six_n": six_n, "executed": six_n - 2 * frozen_weights}
+    return {"six_n": per_token * (inputs + prompt + targets) / (inputs + targets),
+            "executed": setup.flops_per_token}
 
 
 def run_ours(spec: dict) -> dict:
@@ -249,7 +244,7 @@ def run_ours(spec: dict) -> dict:
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {**_timing(times, spec["warmup"]), "losses": losses, **sizes,
-            "flops_per_token": flops_per_token(setup, frozen, spec),
+            "flops_per_token": flops_per_token(setup, spec),
             "device_peak_bytes": stats.get("peak_bytes_in_use"), **memory,
             "device": device.device_kind, "platform": device.platform}
 
@@ -396,7 +391,10 @@ def run_matmul(spec: dict) -> dict:
 WORKERS = {"ours": run_ours, "peer": run_peer, "matmul": run_matmul}
 
 
-def spawn(kind: str, spec: dict, workdir: str, name: str, timeout_s: float = 7200) -> dict:
+TIMEOUT_S = 7200.0  # One worker's limit without a deadline: a hung one is stopped.
+
+
+def spawn(kind: str, spec: dict, workdir: str, name: str, timeout_s: float = TIMEOUT_S) -> dict:
     """Runs one worker in a fresh process; its result, or `{"error": ...}` if it failed
     (e.g. out of memory), so one failing configuration does not lose the others."""
     spec_path = os.path.join(workdir, f"{name}.spec.json")

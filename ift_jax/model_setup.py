@@ -13,6 +13,7 @@ Start-up order, as DESIGN.md decides (logged as it happens):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Iterator, Optional
@@ -58,7 +59,6 @@ class Setup:
     method: str
     optimizer_config: optim.OptimizerConfig
     optimizer: Any
-    flops_per_token: float
     init_params: Optional[dict] = None  # Host arrays of the `init_from` base model.
     eval_model: Optional[nn.Module] = None  # Same params; LoRA dropout off.
     prompt_config: Optional[peft.PromptConfig] = None
@@ -72,6 +72,14 @@ class Setup:
 
     def checkpoint_meta(self) -> dict:
         return {"fingerprint": self.fingerprint, "init_from": self.config.init_from or ""}
+
+    @functools.cached_property
+    def flops_per_token(self) -> float:
+        """`training_flops_per_token` of this method at the configured lengths (for MFU)."""
+        params = peft.abstract_params(self.model)
+        return training_flops_per_token(self.t5_config, self.config.data.inputs_length,
+                                        self.config.data.targets_length, params,
+                                        self.trainable_mask(params))
 
     def learning_rate(self, step: int) -> float:
         return optim.learning_rate_at(self.optimizer_config, step)
@@ -103,22 +111,74 @@ def optimizer_config(config: ml_collections.ConfigDict) -> optim.OptimizerConfig
         multiply_by_parameter_scale=o.multiply_by_parameter_scale)
 
 
-def training_flops_per_token(c: t5.T5Config, inputs_length: int, targets_length: int) -> float:
-    """6·N_matmul per token (forward + backward), N counted per stack and token.
+def training_flops_per_token(c: t5.T5Config, inputs_length: int, targets_length: int,
+                             params: Any = None, trainable: Any = None) -> float:
+    """Training FLOPs executed per input+target token (forward + backward).
 
-    Encoder tokens pass the encoder (attention projections + MLP); decoder
-    tokens pass self-attention, cross-attention and MLP, plus the logits. The
-    attention score/value products are added as 2·2·L·d_inner per token and
-    layer (forward), times 3 for backward. Returned per *input+target* token.
+    A matmul weight W running over P_W positions of an example costs 2·P_W·|W|
+    FLOPs forward, 2·P_W·|W| for its input's gradient and, only if W trains,
+    2·P_W·|W| for its own gradient. Per example, with E = inputs_length +
+    prompt_length encoder positions and T = targets_length decoder positions:
+
+        F = Σ_W P_W·|W|·(4 + 2·[W trains])
+            + 12·d_inner·(n_enc·E² + n_dec·T·(T + E))
+        training_flops_per_token = F / (inputs_length + targets_length)
+
+    The weights W are every `kernel` (P_W = E in the encoder and for the
+    cross-attention key/value, which project the encoder output; T for the rest
+    of the decoder and the logits), LoRA's `kernel_lora_a [in, r]` and
+    `kernel_lora_b [r, out]` beside its kernel, and the token embedding when it
+    is also the logits projection (tied, T5 v1.0). The last term is attention's
+    score and value products (activations on both sides: 6 FLOPs per
+    multiply-add, whatever trains). So, with N = Σ P_W·|W| / (inputs + targets)
+    the matmul weights a token passes through:
+
+    - full fine-tuning: 6·N (+ attention);
+    - LoRA / QLoRA: the base kernels are frozen, 4·N, plus 6·r·(in + out) per
+      position of each adapted kernel (QLoRA's matmuls run on the dequantized
+      kernels);
+    - prompt tuning: 4·N, the encoder over prompt_length more positions.
+
+    Not counted: elementwise work, softmax, norms, the relative-position bias,
+    QLoRA dequantization; counted although XLA may skip it: the input gradient
+    of the lowest layers when nothing below them trains. Positions are the
+    padded lengths while the trainer's tokens/s counts non-padding tokens, so
+    with padding `mfu` is the share of the peak spent on real tokens.
+
+    Args:
+      params: the model's param tree (abstract, boxed or not; a prompt's
+        length is read from `prompt/embedding`); default the plain T5 of `c`.
+      trainable: `peft.trainable_mask` of `params`; default every param.
     """
-    inner, mlp_mats = c.num_heads * c.d_kv, (3 if c.is_gated else 2)
-    enc_layer = 4 * c.d_model * inner + mlp_mats * c.d_model * c.d_ff
-    dec_layer = 8 * c.d_model * inner + mlp_mats * c.d_model * c.d_ff
-    enc = inputs_length * (c.num_layers * (enc_layer + 2 * inputs_length * inner))
-    dec = targets_length * (c.num_decoder_layers * (dec_layer + 2 * (targets_length
-                                                                     + inputs_length) * inner)
-                            + c.d_model * c.vocab_size)
-    return 6.0 * (enc + dec) / (inputs_length + targets_length)
+    if params is None:
+        params = t5.abstract_variables(c)["params"]
+    flat = traverse_util.flatten_dict(params)
+    train = traverse_util.flatten_dict(trainable) if trainable is not None else {}
+    prompt = flat.get(peft.PROMPT_PATH)
+    enc_len = inputs_length + (peft.count_params(prompt) // c.d_model if prompt is not None
+                               else 0)
+    total = 0.0
+    for key, leaf in flat.items():
+        positions = _matmul_positions(c, key, enc_len, targets_length)
+        if positions:
+            trains = train.get(key, trainable is None)
+            total += positions * peft.count_params(leaf) * (6 if trains else 4)
+    inner = c.num_heads * c.d_kv
+    total += 12 * inner * (c.num_layers * enc_len ** 2 + c.num_decoder_layers
+                           * targets_length * (targets_length + enc_len))
+    return total / (inputs_length + targets_length)
+
+
+def _matmul_positions(c: t5.T5Config, key: tuple, encoder: int, decoder: int) -> int:
+    """Positions per example the matmul weight at `key` runs over; 0: not a matmul."""
+    if key == ("token_embedder", "embedding"):
+        return decoder if c.tie_word_embeddings else 0  # Else a gather.
+    if key[-1] not in ("kernel", *peft.LORA_LEAVES):
+        return 0
+    if key[0] == "encoder" or (key[-3] == "encoder_decoder_attention"
+                               and key[-2] in ("key", "value")):
+        return encoder
+    return decoder
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
@@ -131,9 +191,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     model, eval_model, prompt_cfg = _models_for(method, arch, config.peft)
     opt_cfg = optimizer_config(config)
     return Setup(config, arch, model, method, opt_cfg, optim.make_optimizer(opt_cfg),
-                 training_flops_per_token(arch, config.data.inputs_length,
-                                          config.data.targets_length), init_params,
-                 eval_model, prompt_cfg)
+                 init_params, eval_model, prompt_cfg)
 
 
 def _is_hf_dir(path: str) -> bool:

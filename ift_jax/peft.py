@@ -134,6 +134,25 @@ def count_params(tree: PyTree) -> int:
 # LoRA and QLoRA (qwix).
 
 
+def lora_a_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    """HF PEFT's default LoRA A: uniform in ±1/sqrt(fan_in), fan_in = the inputs.
+
+    PEFT (`init_lora_weights=True`) runs `kaiming_uniform_(a=sqrt(5))` on
+    `lora_A.weight [r, in]`: bound = sqrt(6 / ((1 + 5)·in)) = 1/sqrt(in). qwix's
+    default, he-uniform (bound sqrt(6/in)), is sqrt(6) wider, so learning rates
+    from PEFT recipes would not carry over. A is `[in, r]` here (qwix flattens
+    the kernel's contracting axes), so fan_in is every axis but the last.
+    """
+    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def lora_b_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    """LoRA B starts at zero (as PEFT), so a LoRA model starts as its base model."""
+    del key
+    return jnp.zeros(shape, dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """LoRA (`quantize=False`) or QLoRA (`quantize=True`) on the projections matched.
@@ -170,7 +189,8 @@ class LoraConfig:
             module_path=self.target_regex, rank=self.rank, alpha=self.alpha,
             dropout=0.0 if for_eval else self.dropout,
             weight_qtype=self.weight_qtype if self.quantize else None,
-            tile_size=self.tile_size if self.quantize else None)
+            tile_size=self.tile_size if self.quantize else None,
+            lora_a_initializer=lora_a_init, lora_b_initializer=lora_b_init)
 
 
 def kernel_module_paths(model: nn.Module) -> list[str]:
@@ -323,10 +343,11 @@ def init_adapters(model: nn.Module, base_params: PyTree, rng: Array,
                   prompt_cfg: Optional[PromptConfig] = None) -> dict:
     """Full params of a PEFT `model`: `base_params` plus freshly initialized adapters.
 
-    LoRA A and B get the initializers of qwix's `LoraRule` (A he-uniform, B
-    zero, so the model starts as the base model); QLoRA's base kernels are
-    quantized here; the prompt gets `init_prompt(prompt_cfg)` from the base
-    token embeddings (Lester's uniform init when `prompt_cfg` is None). Only
+    LoRA A and B get the initializers `LoraConfig.rule` gives qwix
+    (`lora_a_init`, HF PEFT's; B zero, so the model starts as the base
+    model); QLoRA's base kernels are quantized here; the prompt gets
+    `init_prompt(prompt_cfg)` from the base token embeddings (Lester's
+    uniform init when `prompt_cfg` is None). Only
     shapes are taken from the model (`jax.eval_shape`), so no random base
     weights are ever materialized.
 
@@ -348,7 +369,6 @@ def init_adapters(model: nn.Module, base_params: PyTree, rng: Array,
     if any(_is_quantized(v) for v in abstract_flat.values()):
         base_flat = _flatten(qwix.quantize_params(_unflatten(base_flat), abstract))
     new_keys = [k for k in abstract_flat if k not in base_flat]
-    rule = qwix.LoraRule(rank=1, alpha=1.0)  # Only its (default) initializers are used.
     new = {}
     for key, r in zip(new_keys, jax.random.split(rng, max(len(new_keys), 1))):
         shape, dtype = abstract_flat[key].shape, abstract_flat[key].dtype
@@ -360,9 +380,9 @@ def init_adapters(model: nn.Module, base_params: PyTree, rng: Array,
             embedding = base_flat[("token_embedder", "embedding")]
             new[key] = init_prompt(r, embedding, cfg).astype(dtype)
         elif key[-1] == "kernel_lora_a":
-            new[key] = rule.lora_a_initializer(r, shape, dtype)
+            new[key] = lora_a_init(r, shape, dtype)
         else:
-            new[key] = rule.lora_b_initializer(r, shape, dtype)
+            new[key] = lora_b_init(r, shape, dtype)
     if prompt_cfg is not None and PROMPT_PATH not in new:
         raise PeftError("prompt_cfg given but the model has no prompt; build it with "
                         "apply_prompt_tuning")

@@ -110,7 +110,12 @@ def global_batches(local: Iterator[dict], sharding: jax.sharding.NamedSharding
 
 
 class MetricsLog:
-    """`train_metrics.jsonl`, clu writers (TensorBoard + log) and a progress line."""
+    """`train_metrics.jsonl`, clu writers (TensorBoard + log) and a progress line.
+
+    `mfu` = tokens/s × `flops_per_token` (the FLOPs the method executes per
+    input+target token, `model_setup.training_flops_per_token`) / the peak of
+    all devices; logged when both are set.
+    """
 
     def __init__(self, workdir: str, total_steps: int, flops_per_token: float,
                  peak_flops: float):
@@ -207,7 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     batches = global_batches(model_setup.train_batches(config, start_step=start),
                              batch_sharding)
-    log = MetricsLog(workdir, config.train.steps, setup.flops_per_token,
+    log = MetricsLog(workdir, config.train.steps,
+                     setup.flops_per_token if config.device_peak_flops else 0.0,
                      config.device_peak_flops)
     evaluator = _evaluator(config, setup, workdir, log)
     stop = StopRequested()

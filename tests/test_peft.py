@@ -145,6 +145,23 @@ def test_lora_model_starts_as_the_base_model(base_params):
     assert np.abs(lora_a).max() > 0  # Only B starts at zero.
 
 
+def test_lora_a_is_uniform_in_one_over_sqrt_fan_in_from_qwix_and_init_adapters():
+    # HF PEFT's default (kaiming_uniform_(a=sqrt(5))); compared with peft itself in
+    # test_peft_parity.py. The out kernel's A has heads*kv = 32 inputs, query's 64.
+    config = TINY.replace(d_kv=8)
+    model = peft.apply_lora(t5.Transformer(config), peft.LoraConfig(
+        rank=8, alpha=8.0, target_regex=".*/attention/(query|out)"))
+    enc, dec, _ = make_batch()
+    base = nn.unbox(t5.Transformer(config).init(jax.random.key(0), enc, dec)["params"])
+    for params in (nn.unbox(model.init(jax.random.key(1), enc, dec)["params"]),
+                   peft.init_adapters(model, base, jax.random.key(1))):
+        attention = params["encoder"]["layers_0"]["attention"]
+        for proj, fan_in in (("query", 64), ("out", 32)):
+            lora_a = np.asarray(attention[proj]["kernel_lora_a"])
+            assert lora_a.shape == (fan_in, 8)
+            assert 0.9 < np.abs(lora_a).max() * np.sqrt(fan_in) <= 1.0, proj
+
+
 @pytest.mark.parametrize("target_regex", [
     peft.DEFAULT_LORA_TARGETS,                      # [embed, heads, kv] kernels
     r"encoder/layers_1/attention/out|.*/mlp/(wi_0|wo)",  # [heads, kv, embed], [embed, mlp]...

@@ -3,10 +3,12 @@
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import hf_reference
 from hf_reference import make_hf_checkpoint
@@ -271,3 +273,43 @@ def test_peft_adapter_errors_name_the_problem(checkpoint, tmp_path):
     with pytest.raises(hf.CheckpointError, match=r"lora_A.weight has shape \(4, 32\), "
                                                  r"expected \(8, 32\)"):
         hf.load_peft_adapter(str(tmp_path), config)
+
+
+def test_lora_a_starts_as_hf_peft_inits_it():
+    """PEFT's default init (`reset_lora_parameters`: `kaiming_uniform_(a=sqrt(5))`,
+    uniform in ±1/sqrt(in)) on q, o and the MLP's wo, whose inputs differ (d_model,
+    heads·d_kv, d_ff): our A, from qwix's init and from `init_adapters`, has the
+    same shapes, bound and spread."""
+    dims = dict(vocab_size=64, d_model=256, d_kv=16, num_heads=4, d_ff=512, num_layers=1,
+                num_decoder_layers=1, feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    ref = hf_peft.get_peft_model(
+        transformers.T5ForConditionalGeneration(transformers.T5Config(
+            **dims, tie_word_embeddings=False)),
+        hf_peft.LoraConfig(r=16, lora_alpha=16, target_modules=["q", "o", "wo"]))
+    hf_a = {}
+    for name, p in ref.named_parameters():
+        if ".lora_A." in name:
+            hf_proj = name.split(".lora_A.")[0].split(".")[-1]
+            proj = {"q": "query", "o": "out", "wo": "wo"}[hf_proj]
+            hf_a.setdefault(proj, []).append(p.detach().numpy().T)
+    config = t5.get_config("tiny", **dims)
+    model = peft.apply_lora(t5.Transformer(config), peft.LoraConfig(
+        rank=16, alpha=16.0, target_regex=".*(attention/(query|out)|mlp/wo)"))
+    enc, dec = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
+    from_qwix = nn.unbox(model.init(jax.random.key(0), enc, dec)["params"])
+    base = nn.unbox(t5.Transformer(config).init(jax.random.key(1), enc, dec)["params"])
+    from_init_adapters = peft.init_adapters(model, base, jax.random.key(2))
+    for ours in (from_qwix, from_init_adapters):
+        our_a = {}
+        for key, value in traverse_util.flatten_dict(ours).items():
+            if key[-1] == "kernel_lora_a":
+                our_a.setdefault(key[-2], []).append(np.asarray(value))
+        assert our_a.keys() == hf_a.keys()
+        for proj, mats in hf_a.items():
+            assert sorted(m.shape for m in our_a[proj]) == sorted(m.shape for m in mats)
+            theirs, mine = np.concatenate(mats), np.concatenate(our_a[proj])
+            bound = 1 / np.sqrt(mats[0].shape[0])
+            assert np.abs(theirs).max() <= bound and np.abs(mine).max() <= bound, proj
+            assert np.abs(mine).max() == pytest.approx(np.abs(theirs).max(), rel=0.01), proj
+            assert mine.std() == pytest.approx(theirs.std(), rel=0.06), proj
