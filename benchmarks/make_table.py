@@ -28,6 +28,12 @@ do not edit by hand. Run the whole suite (CPU or GPU) with
 
     python benchmarks/run_all.py
 
+and on a GPU host without TensorFlow/seqio, `benchmarks/run_gpu.sh OUT_DIR
+[TIME_LIMIT_S]` (batches for the packing figure made beforehand; see its
+header). GPU rows: one H200 lent for 15 minutes of device time, bf16 compute
+with fp32 master weights; what did not fit in that time is listed under the
+notes as "not run".
+
 Every ours figure is measured in the same run as its peer figure, on the same
 weights and inputs. Training: median step time after warm-up, tokens/s
 counting input + target tokens, MFU = FLOPs per token × tokens/s ÷ the peak
@@ -82,17 +88,20 @@ def _pct(x) -> str:
     return f"{100 * x:.1f}%" if x is not None else "—"
 
 
-PEERS = {"hf_eager": "HF eager", "hf_compile": "HF torch.compile"}
+PEERS = {"ours": "ours", "hf_eager": "HF eager", "hf_compile": "HF torch.compile"}
 
 
-def _failure(side: dict) -> str:
-    """'' for a measured side, else why not: not run (deadline) or failed."""
+def _failure(side: dict, ours: dict | None = None) -> str:
+    """'' for a measured side, else why not: not run or cut short by the run's deadline,
+    or failed (a peer whose `ours` was not run was not run either)."""
     error = side.get("error")
     if not error:
         return ""
+    if error.startswith("ours failed") and ours is not None:
+        return _failure(ours)
     if error.startswith("not run"):
         return "not run (time)"
-    return "ours failed" if error.startswith("ours failed") else "failed"
+    return "cut at the deadline" if error.startswith("timed out") else "failed"
 
 
 def train_rows(record: dict) -> list[str]:
@@ -103,10 +112,16 @@ def train_rows(record: dict) -> list[str]:
             if name == "ours":
                 continue
             label = f"train step, tokens/s (vs {PEERS.get(name, name)})"
+            if "error" in ours and "error" in peer:
+                continue  # Listed in the notes (`unmeasured`).
             if "error" in ours or "error" in peer:
-                rows.append(_row(label, _device(record), e["preset"],
-                                 f"{e['method']} (b={e['batch_size']})", _failure(ours),
-                                 _failure(peer), "—", "—", "—", _date(record)))
+                rows.append(_row(label, _device(record, ours), e["preset"],
+                                 f"{e['method']} (b={e['batch_size']})",
+                                 _failure(ours) or _rate(ours["tokens_per_s"]),
+                                 _failure(peer, ours) or _rate(peer["tokens_per_s"]), "—",
+                                 _pair(ours.get("mfu"), peer.get("mfu"), _pct),
+                                 _pair(ours.get("peak_memory_bytes"),
+                                       peer.get("peak_memory_bytes"), _gib), _date(record)))
                 continue
             rows.append(_row(
                 label, _device(record, ours), e["preset"], f"{e['method']} (b={e['batch_size']})",
@@ -117,6 +132,13 @@ def train_rows(record: dict) -> list[str]:
                 _pair(ours["peak_memory_bytes"], peer["peak_memory_bytes"], _gib),
                 _date(record)))
     return rows
+
+
+def unmeasured(record: dict) -> list[str]:
+    """'preset method side: why' for every training side without a figure."""
+    return [f"{e['method']} {PEERS.get(name, name)}: {_failure(side, e['sides']['ours'])}"
+            for e in record.get("entries", []) for name, side in e["sides"].items()
+            if "error" in side]
 
 
 def packing_rows(record: dict) -> list[str]:
@@ -163,6 +185,7 @@ def notes(name: str, record: dict) -> list[str]:
                      f"{p['torch_flops_per_s'] / 1e9:.0f} GFLOP/s (MFU uses the larger)")
     checks = [c for e in record.get("entries", []) for c in e.get("loss_check", {}).values()]
     checks += [record["loss_check_padded"]] if "loss_check_padded" in record else []
+    checks = [c for c in checks if "relative_difference" in c]  # Both sides measured.
     if checks:
         worst = max((c.get("relative_difference", float("inf")) for c in checks))
         parts.append(f"first-step loss ours vs peer: max relative difference {worst:.1e} "
@@ -176,6 +199,9 @@ def notes(name: str, record: dict) -> list[str]:
         c = record["token_counts"]
         parts.append(f"useful share of batch slots: packed {c['packed']['useful_share']:.2f}, "
                      f"padded {c['padded']['useful_share']:.2f}")
+    missing = unmeasured(record)
+    if missing:
+        parts.append("no figure for " + ", ".join(missing))
     machine = record.get("machine", {})
     busy = (machine.get("load_at_start", {}).get("competing_processes")
             or machine.get("load_at_end", {}).get("competing_processes"))
@@ -183,20 +209,25 @@ def notes(name: str, record: dict) -> list[str]:
         parts.append(f"**measured under load** ({len(busy)} competing processes)")
     for preset, why in record.get("skipped", {}).items():
         parts.append(f"preset {preset} skipped: {why}")
+    for key, speedup in record.get("speedup_after_over_before", {}).items():
+        parts.append(f"{key} {speedup:.2f}x")
+    if "change" in record:
+        parts.insert(0, f"before/after of: {record['change']}; ours after / before")
     for part, run in record.get("parts", {}).items():
         parts.append(f"{part} {run['wall_s']:.0f} s" + (
             f" (exit code {run['exit_code']})" if run["exit_code"] else ""))
     return [f"- `{name}`: " + "; ".join(parts)] if parts else []
 
 
-ORDER = ("train_throughput", "packing", "decoding", "suite")
+ORDER = ("train_throughput", "packing", "decoding", "before_after", "suite")
 PRESET_ORDER = ("tiny", "small", "base", "large", "xl", "xxl")
 
 
 def _sort_key(item: tuple[str, dict]) -> tuple:
     path, record = item
     kind, preset = record.get("benchmark"), record.get("preset")
-    return (ORDER.index(kind) if kind in ORDER else len(ORDER),
+    return (ORDER.index(kind) if kind in ORDER else len(ORDER), record.get("platform", "")
+            or record.get("machine", {}).get("accelerator", ""),
             PRESET_ORDER.index(preset) if preset in PRESET_ORDER else len(PRESET_ORDER), path)
 
 
@@ -215,7 +246,7 @@ def render(results_dir: str) -> str:
         kind = record.get("benchmark")
         if kind in ROWS:
             rows += ROWS[kind](record)
-        if kind in ROWS or kind == "suite":
+        if kind in ROWS or kind in ("suite", "before_after"):
             bullets += notes(name, record)
     legend = (f"† the slowest timed step took over {NOISY_SPREAD}x the fastest: something "
               f"else used the machine during that measurement; rerun it.")

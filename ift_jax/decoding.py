@@ -3,10 +3,13 @@
 What this module owns:
 
 - `greedy`, `sample`, `beam_search`: encode once, then one `decode=True` step
-  per generated token inside a `jax.lax.while_loop`, so each (batch, lengths,
-  settings) shape compiles once. They return `[batch, max_decode_length]`
-  tokens without the start token 0; positions after EOS (and after a stop)
-  hold the pad id 0.
+  per generated token, so each (batch, lengths, settings) shape compiles
+  once. The first step runs before the `jax.lax.while_loop` of the others:
+  it adds the cross-attention keys and values of the encoder output to the
+  cache (see `t5.Transformer.decode`), so later steps do not project it
+  again, and the loop's carry keeps one structure. They return
+  `[batch, max_decode_length]` tokens without the start token 0; positions
+  after EOS (and after a stop) hold the pad id 0.
 - `greedy_uncached`: greedy by recomputing the full forward each step. Slow;
   it exists to check the cached path.
 - `filter_logits`: top-k / top-p (nucleus) filtering, as HF's warpers.
@@ -130,7 +133,8 @@ def _one_per_row(model: nn.Module, params: PyTree, encoder_input_tokens: Array, 
         out = out.at[:, step].set(token)
         return step + 1, token, cache, out, done | (token == eos_id), scores, rng
 
-    _, _, _, out, _, scores, _ = jax.lax.while_loop(cond, body, init)
+    # The first step, before the loop, adds the cross-attention keys and values to the cache.
+    _, _, _, out, _, scores, _ = jax.lax.while_loop(cond, body, body(init))
     return out, scores
 
 
@@ -287,8 +291,8 @@ def beam_search(model: nn.Module, params: PyTree, encoder_input_tokens: Array, *
     """
     batch, enc_len = encoder_input_tokens.shape
     flat = batch * num_beams
-    enc_tokens = jnp.repeat(encoder_input_tokens, num_beams, axis=0)
-    encoded = jnp.repeat(_encode(model, params, encoder_input_tokens), num_beams, axis=0)
+    # One row per input, not per beam: its beams share the cross-attention keys and values.
+    encoded = _encode(model, params, encoder_input_tokens)
     seqs = jnp.zeros((batch, num_beams, max_decode_length), jnp.int32)
     # Only beam 0 starts live, so step 0 does not pick the same token num_beams times.
     running = {"seqs": seqs,
@@ -301,7 +305,8 @@ def beam_search(model: nn.Module, params: PyTree, encoder_input_tokens: Array, *
 
     def body(state):
         step, last, cache, running, finished, open_rows, _ = state
-        logits, cache = _decode_step(model, params, cache, encoded, enc_tokens, last)
+        logits, cache = _decode_step(model, params, cache, encoded, encoder_input_tokens,
+                                     last)
         logprobs = jax.nn.log_softmax(logits).reshape(batch, num_beams, -1)
         cand_scores, cand_seqs, source, token = _top_candidates(logprobs, running, step,
                                                                 num_beams)
@@ -314,12 +319,12 @@ def beam_search(model: nn.Module, params: PyTree, encoder_input_tokens: Array, *
         finished = _update_finished(finished, cand_scores, cand_seqs, stops, open_rows,
                                     length, length_penalty)
         rows = (jnp.arange(batch)[:, None] * num_beams + _gather_beams(source, keep)).reshape(-1)
-        cache = jax.tree.map(lambda x: x if x.ndim == 0 else x[rows], cache)
+        cache = t5.select_cache_rows(cache, rows)
         open_rows = _can_improve(open_rows, running["scores"], finished, length, length_penalty)
         stop = (length >= max_decode_length) | ~jnp.any(open_rows) | jnp.all(stops)
         last = running["seqs"][:, :, step].reshape(-1)
         return step + 1, last, cache, running, finished, open_rows, stop
 
-    state = jax.lax.while_loop(lambda s: ~s[-1], body, init)
+    state = jax.lax.while_loop(lambda s: ~s[-1], body, body(init))  # As `_one_per_row`.
     finished = state[4]
     return finished["seqs"][:, 0], finished["scores"][:, 0]

@@ -1,5 +1,6 @@
-"""Decoding: greedy and beam search equal HF `generate`, the cache changes nothing,
-sampling filters as HF's warpers, and LoRA models decode with their adapters."""
+"""Decoding: greedy and beam search equal HF `generate`, the cache (cross-attention
+projected once, shared by beams) changes nothing, sampling filters as HF's warpers,
+and LoRA, QLoRA and prompt-tuned models decode with their adapters."""
 
 import flax.linen as nn
 import jax
@@ -105,17 +106,22 @@ def test_beam_search_equals_hf_generate(checkpoint, length_penalty):
     np.testing.assert_array_equal(np.asarray(ours), expected)
 
 
+def _beam_scores(model, params, enc, tokens, length_penalty):
+    """Summed log-probs of `tokens` (up to EOS) by a full forward, length-penalized."""
+    dec = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
+    logprobs = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(enc), dec))
+    picked = jnp.take_along_axis(logprobs, tokens[..., None], -1)[..., 0]
+    length = jnp.where((tokens == EOS).any(1), jnp.argmax(tokens == EOS, 1) + 1, MAX_LEN)
+    return jnp.sum(picked * (jnp.arange(MAX_LEN) < length[:, None]), 1) / length ** length_penalty
+
+
 def test_beam_score_is_sum_logprob_over_generated_length(checkpoint):
     _, config, params, enc = checkpoint
     model = t5.Transformer(config)
     tokens, scores = decoding.beam_search(model, params, jnp.asarray(enc), num_beams=4,
                                           max_decode_length=MAX_LEN, length_penalty=0.6)
-    dec = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
-    logprobs = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(enc), dec))
-    picked = jnp.take_along_axis(logprobs, tokens[..., None], -1)[..., 0]
-    length = jnp.where((tokens == EOS).any(1), jnp.argmax(tokens == EOS, 1) + 1, MAX_LEN)
-    expected = jnp.sum(picked * (jnp.arange(MAX_LEN) < length[:, None]), 1) / length ** 0.6
-    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    np.testing.assert_allclose(scores, _beam_scores(model, params, enc, tokens, 0.6),
+                               rtol=1e-4)
 
 
 def test_cached_greedy_equals_uncached(checkpoint):
@@ -125,6 +131,53 @@ def test_cached_greedy_equals_uncached(checkpoint):
     uncached = decoding.greedy_uncached(model, params, jnp.asarray(enc),
                                         max_decode_length=MAX_LEN)
     np.testing.assert_array_equal(cached, uncached)
+
+
+def _decode_steps(model, params, encoded, enc, dec, encoded_later):
+    """Logits `[batch, steps, vocab]` of `decode=True` steps over `dec`, and the last cache.
+
+    Steps after the first get `encoded_later` in place of `encoded`.
+    """
+    cache = t5.init_cache(model.config, dec.shape[0], dec.shape[1], enc.shape[1])
+    step = jax.jit(lambda cache, encoded, tokens: model.apply(
+        {"params": params, "cache": cache}, encoded, enc, tokens, method="decode",
+        decode=True, mutable=["cache"]))
+    logits = []
+    for i in range(dec.shape[1]):
+        out, mutated = step(cache, encoded if i == 0 else encoded_later, dec[:, i:i + 1])
+        logits.append(out[:, 0])
+        cache = mutated["cache"]
+    return jnp.stack(logits, 1), cache
+
+
+def test_cross_attention_keys_and_values_come_from_the_first_step(checkpoint):
+    """Later steps read the cached projections: a zeroed encoder output changes nothing."""
+    _, config, params, enc = checkpoint
+    model = t5.Transformer(config)
+    targets = np.random.default_rng(1).integers(2, config.vocab_size, (4, MAX_LEN))
+    dec = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+    full = model.apply({"params": params}, enc, dec)
+    encoded = model.apply({"params": params}, enc, method="encode")
+    stepped, cache = _decode_steps(model, params, encoded, enc, dec, jnp.zeros_like(encoded))
+    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5)
+    cross = cache["decoder"]["layers_0"]["encoder_decoder_attention"]
+    assert cross["cached_key"].shape == (4, enc.shape[1], config.num_heads, config.d_kv)
+
+
+def test_beams_sharing_an_encoder_row_decode_as_repeated_rows(checkpoint):
+    """Decoder rows grouped over one encoder row (beam search) get the logits of
+    the same rows each with its own copy of the input."""
+    _, config, params, enc = checkpoint
+    model, beams = t5.Transformer(config), 3
+    targets = np.random.default_rng(2).integers(2, config.vocab_size, (4 * beams, MAX_LEN))
+    dec = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+    repeated = np.repeat(enc, beams, axis=0)
+    full = model.apply({"params": params}, repeated, dec)
+    encoded = model.apply({"params": params}, enc, method="encode")
+    stepped, cache = _decode_steps(model, params, encoded, enc, dec, encoded)
+    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5)
+    cross = cache["decoder"]["layers_0"]["encoder_decoder_attention"]
+    assert cross["cached_key"].shape[0] == 4  # Per input, not per beam.
 
 
 def test_greedy_scores_are_logprobs_of_the_tokens(checkpoint):
@@ -199,15 +252,19 @@ def test_top_p_sampling_never_leaves_the_nucleus(tiny):
 # LoRA.
 
 
+def _randomize_lora(params):
+    """qwix inits B to zero, which would make the adapters no-ops."""
+    keys = iter(jax.random.split(jax.random.key(2), 1000))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.3 * jax.random.normal(next(keys), x.shape, x.dtype)
+        if getattr(p[-1], "key", None) in peft.LORA_LEAVES else x, params)
+
+
 def test_lora_model_decodes_like_merged_params(tiny):
     config, params, enc = tiny
     lora_cfg = peft.LoraConfig(rank=4)
     lora_model = peft.apply_lora(t5.Transformer(config), lora_cfg, for_eval=True)
-    lora_params = peft.init_adapters(lora_model, params, jax.random.key(1))
-    keys = iter(jax.random.split(jax.random.key(2), 1000))
-    lora_params = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.3 * jax.random.normal(next(keys), x.shape, x.dtype)
-        if p[-1].key in peft.LORA_LEAVES else x, lora_params)
+    lora_params = _randomize_lora(peft.init_adapters(lora_model, params, jax.random.key(1)))
     merged = peft.merge_lora(lora_params, lora_cfg)
     plain = t5.Transformer(config)
     ours, _ = decoding.greedy(lora_model, lora_params, enc, max_decode_length=MAX_LEN)
@@ -220,3 +277,21 @@ def test_lora_model_decodes_like_merged_params(tiny):
     merged_beams, _ = decoding.beam_search(plain, merged, enc, num_beams=3,
                                            max_decode_length=MAX_LEN)
     np.testing.assert_array_equal(beams, merged_beams)
+
+
+def test_qlora_prompt_model_decodes_like_its_full_forward(tiny):
+    """Cached decoding projects the (QLoRA-adapted) cross-attention keys and values of
+    `[prompt; input]` once; greedy and beam search agree with full forwards."""
+    config, params, enc = tiny
+    prompt_cfg = peft.PromptConfig(length=3)
+    model = peft.apply_lora(peft.apply_prompt_tuning(t5.Transformer(config), prompt_cfg),
+                            peft.LoraConfig(rank=4, quantize=True, tile_size=4), for_eval=True)
+    params = peft.init_adapters(model, params, jax.random.key(1), prompt_cfg)
+    params = _randomize_lora(params)
+    greedy, _ = decoding.greedy(model, params, enc, max_decode_length=MAX_LEN)
+    uncached = decoding.greedy_uncached(model, params, enc, max_decode_length=MAX_LEN)
+    np.testing.assert_array_equal(greedy, uncached)
+    tokens, scores = decoding.beam_search(model, params, enc, num_beams=3,
+                                          max_decode_length=MAX_LEN)
+    np.testing.assert_allclose(scores, _beam_scores(model, params, enc, tokens, 1.0),
+                               rtol=1e-4)

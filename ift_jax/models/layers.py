@@ -136,6 +136,9 @@ class RelativePositionBiases(nn.Module):
         return bias_BxHxQxK
 
 
+_HEADS_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+
 class MultiHeadAttention(nn.Module):
     """T5 attention: no 1/sqrt(d_kv) scaling, additive bias, optional KV cache."""
 
@@ -153,21 +156,34 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, inputs_q: Array, inputs_kv: Array, bias_BxHxQxK: Array, *,
                  deterministic: bool, decode: bool = False,
-                 cache_index: Optional[Array] = None) -> Array:
-        d_model = inputs_q.shape[-1]
-        query_BxQxHxK = self._projection("query", inputs_q, d_model)
-        key_BxSxHxK = self._projection("key", inputs_kv, d_model)
-        value_BxSxHxK = self._projection("value", inputs_kv, d_model)
-        heads_axes = ("activation_batch", "activation_length", "activation_heads",
-                      "activation_kv")
-        query_BxQxHxK = constrain(query_BxQxHxK, heads_axes)
-        key_BxSxHxK = constrain(key_BxSxHxK, heads_axes)
-        value_BxSxHxK = constrain(value_BxSxHxK, heads_axes)
+                 cache_index: Optional[Array] = None, reuse_kv: bool = False) -> Array:
+        """Attention of `inputs_q` over `inputs_kv`.
 
+        Args:
+          decode: append this step's key and value to the cache at `cache_index`
+            (self-attention while decoding; see `_update_cache`).
+          reuse_kv: `inputs_kv` is the same at every call (the encoder output
+            while decoding): project it at the first call only (see
+            `_project_once`).
+
+        `inputs_kv` may have fewer rows than `inputs_q`, by a whole factor:
+        consecutive groups of query rows then share one key row (beam search's
+        beams of one input share its encoder output), which spares repeating it.
+        """
+        d_model = inputs_q.shape[-1]
+        query_BxQxHxK = constrain(self._projection("query", inputs_q, d_model), _HEADS_AXES)
+        if reuse_kv:
+            key_BxSxHxK, value_BxSxHxK = self._project_once(inputs_kv, d_model)
+        else:
+            key_BxSxHxK = constrain(self._projection("key", inputs_kv, d_model), _HEADS_AXES)
+            value_BxSxHxK = constrain(self._projection("value", inputs_kv, d_model),
+                                      _HEADS_AXES)
         if decode:
             key_BxSxHxK, value_BxSxHxK = self._update_cache(key_BxSxHxK, value_BxSxHxK,
                                                             cache_index)
 
+        query_shape = query_BxQxHxK.shape  # The groups of query rows become more queries.
+        query_BxQxHxK = query_BxQxHxK.reshape((key_BxSxHxK.shape[0], -1) + query_shape[2:])
         scores_BxHxQxS = jnp.einsum("bqhk,bshk->bhqs", query_BxQxHxK, key_BxSxHxK)
         scores_BxHxQxS = scores_BxHxQxS.astype(jnp.float32) + bias_BxHxQxK.astype(
             jnp.float32)
@@ -175,11 +191,31 @@ class MultiHeadAttention(nn.Module):
         weights_BxHxQxS = nn.Dropout(self.dropout_rate)(weights_BxHxQxS,
                                                         deterministic=deterministic)
         out_BxQxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxQxS, value_BxSxHxK)
-        out_BxQxHxK = constrain(out_BxQxHxK, heads_axes)
+        out_BxQxHxK = constrain(out_BxQxHxK.reshape(query_shape), _HEADS_AXES)
         return DenseGeneral((d_model,), ("heads", "kv", "embed"),
                             (self.num_heads * self.d_kv) ** -0.5, num_contract=2,
                             dtype=self.dtype, param_dtype=self.param_dtype,
                             name="out")(out_BxQxHxK)
+
+    def _project_once(self, inputs_kv: Array, d_model: int) -> tuple[Array, Array]:
+        """Keys and values of `inputs_kv`: projected at the first call, then read from the cache.
+
+        Cross-attention while decoding attends to the same encoder output at
+        every step; projecting it anew costs `2 x input length` token
+        projections per row, layer and step, most of a step's work (T5 small,
+        128 input tokens: about 18 times the rest of the layer). XLA hoists
+        that out of the decoding loop on CPU but not on GPU, so the cache
+        keeps them, as HF's `EncoderDecoderCache` does. The first call (with
+        `cache` mutable) adds them to the cache; later calls ignore `inputs_kv`.
+        """
+        if self.has_variable("cache", "cached_key"):
+            return (self.get_variable("cache", "cached_key"),
+                    self.get_variable("cache", "cached_value"))
+        key_BxSxHxK = constrain(self._projection("key", inputs_kv, d_model), _HEADS_AXES)
+        value_BxSxHxK = constrain(self._projection("value", inputs_kv, d_model), _HEADS_AXES)
+        self.put_variable("cache", "cached_key", key_BxSxHxK)
+        self.put_variable("cache", "cached_value", value_BxSxHxK)
+        return key_BxSxHxK, value_BxSxHxK
 
     def _update_cache(self, key_Bx1xHxK: Array, value_Bx1xHxK: Array,
                       cache_index: Optional[Array]) -> tuple[Array, Array]:

@@ -7,6 +7,7 @@ What this module owns:
 - `Transformer`: the encoder-decoder with the t5x-compatible `__call__`, and
   `encode` / `decode` for generation with an autoregressive KV cache.
 - Shape-only helpers: `abstract_variables`, `param_count`, `init_cache`.
+- `select_cache_rows`: beam search's reordering of the decoding cache.
 
 The building blocks (attention, MLP, norms, relative position biases) live
 in `ift_jax.models.layers`.
@@ -186,8 +187,11 @@ class DecoderLayer(nn.Module):
                                             decode=decode, cache_index=cache_index)
         x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
         y = _layer_norm(c, "pre_cross_attention_layer_norm")(x)
+        # Decoding steps (not cache creation, whose encoder output is a dummy)
+        # project the encoder output once and keep its keys and values.
         y = _attention(c, "encoder_decoder_attention")(y, encoded, cross_bias,
-                                                       deterministic=deterministic)
+                                                       deterministic=deterministic,
+                                                       reuse_kv=cache_index is not None)
         x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
         y = _layer_norm(c, "pre_mlp_layer_norm")(x)
         y = _mlp(c)(y, deterministic=deterministic)
@@ -417,6 +421,12 @@ class Transformer(nn.Module):
 
         The cache is created by a call with `decode=True` on full-length inputs
         (see `init_cache`); after that each call consumes `[batch, 1]` tokens.
+        The first such call adds the cross-attention keys and values of
+        `encoded` to the cache, and later calls use those (their `encoded` is
+        not read). While decoding, `encoded` and `encoder_input_tokens` may
+        have fewer rows than `decoder_input_tokens`, by a whole factor G: each
+        of their rows then serves G consecutive decoder rows (beam search: the
+        beams of one input).
         """
         self._check_unpacked(encoder_segment_ids)
         if self.prompt_length:  # The decoder attends to the prompt positions too.
@@ -473,3 +483,16 @@ def init_cache(config: T5Config, batch: int, max_decode_length: int,
     shapes = jax.eval_shape(
         lambda: model.init(jax.random.key(0), enc, dec, decode=True))["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))
+
+
+def select_cache_rows(cache: dict, rows: Array) -> dict:
+    """The cache of decoder rows `rows` (beam search continues the beams it keeps).
+
+    Only the self-attention keys and values belong to decoder rows: the step
+    counter is shared, and the cross-attention keys and values belong to the
+    inputs, whose beams keep sharing them whichever survive.
+    """
+    def select(path, x):
+        in_self_attention = any(getattr(k, "key", None) == "self_attention" for k in path)
+        return x[rows] if in_self_attention else x
+    return jax.tree_util.tree_map_with_path(select, cache)
