@@ -172,7 +172,25 @@ def decoding_rows(record: dict) -> list[str]:
     return rows
 
 
-ROWS = {"train_throughput": train_rows, "packing": packing_rows, "decoding": decoding_rows}
+def startup_rows(record: dict) -> list[str]:
+    """Seconds from process start to the end of the first step; the ratio column stays
+    'higher is better' (peer seconds / ours)."""
+    rows = []
+    tag = f" [{record['tag']}]" if record.get("tag") else ""
+    for method, sides in record["results"].items():
+        ours, peer = sides["ours"], sides["hf_eager"]
+        if "error" in ours or "error" in peer:
+            continue
+        rows.append(_row(
+            f"seconds to the first step from an HF checkpoint (vs HF eager){tag}",
+            _device(record), record["preset"], method, f"{ours['first_step_s']:.1f}",
+            f"{peer['first_step_s']:.1f}", f"{peer['first_step_s'] / ours['first_step_s']:.2f}",
+            "—", "—", _date(record)))
+    return rows
+
+
+ROWS = {"train_throughput": train_rows, "packing": packing_rows, "decoding": decoding_rows,
+        "startup": startup_rows}
 
 
 def notes(name: str, record: dict) -> list[str]:
@@ -219,7 +237,7 @@ def notes(name: str, record: dict) -> list[str]:
     return [f"- `{name}`: " + "; ".join(parts)] if parts else []
 
 
-ORDER = ("train_throughput", "packing", "decoding", "before_after", "suite")
+ORDER = ("train_throughput", "packing", "decoding", "startup", "before_after", "suite")
 PRESET_ORDER = ("tiny", "small", "base", "large", "xl", "xxl")
 
 

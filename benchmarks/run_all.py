@@ -1,9 +1,10 @@
-"""The benchmark suite in one command: training throughput, packing, decoding, the table.
+"""The benchmark suite in one command: training throughput, packing, decoding, start-up
+time, the table.
 
     python benchmarks/run_all.py               # T5 1.1 small, base, large; ~30 min on 2 CPU cores
     python benchmarks/run_all.py --presets=small --steps=3 --dry_run
 
-Runs `train_throughput.py`, `packing.py` and `decoding.py` one after the
+Runs `train_throughput.py`, `packing.py`, `decoding.py` and `startup.py` one after the
 other (each measures ours and its peer in the same run), writes their JSON to
 `--output_dir`, a `suite_<platform>.json` with what ran, how, and how long
 each part took, then regenerates `benchmarks/README.md`
@@ -61,6 +62,8 @@ def commands(args) -> dict[str, list[str]]:
         "packing": [py, os.path.join(HERE, "packing.py"), *packing, *steps, *common],
         "decoding": [py, os.path.join(HERE, "decoding.py"), f"--preset={args.decoding_preset}",
                      f"--repeats={args.decoding_repeats}", *common],
+        "startup": [py, os.path.join(HERE, "startup.py"), f"--preset={args.decoding_preset}",
+                    *common],
     }
 
 
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decoding_repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--only", default="train_throughput,packing,decoding")
+    parser.add_argument("--only", default="train_throughput,packing,decoding,startup")
     parser.add_argument("--lanes", type=int, default=1,
                         help="training workers at a time (see train_throughput.py)")
     parser.add_argument("--deadline_s", type=float, default=0.0,

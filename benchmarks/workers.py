@@ -264,7 +264,8 @@ def _peer_model(spec: dict):
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=spec["lora_rank"], lora_alpha=spec["lora_rank"], target_modules=["q", "v"],
             lora_dropout=0.0, task_type="SEQ_2_SEQ_LM"))
-        _load_our_adapters(model, os.path.join(spec["hf_dir"], ADAPTER_DIR))
+        if not spec.get("peer_own_init"):
+            _load_our_adapters(model, os.path.join(spec["hf_dir"], ADAPTER_DIR))
     elif spec["method"] == "prompt":
         # One prompt table (the encoder's): PEFT's seq2seq default makes a second,
         # decoder-side one that prompt tuning's forward never reads.

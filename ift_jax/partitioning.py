@@ -160,6 +160,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def abstract_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh,
+                  rules: LogicalRules = DEFAULT_RULES) -> tuple[Any, Any]:
+    """`(shapes, shardings)` of `init_fn`'s variables without computing any (unboxed
+    `jax.ShapeDtypeStruct`s, and the `NamedSharding`s `sharded_init` would give)."""
+    abstract = jax.eval_shape(init_fn, rng)
+    return nn.unbox(abstract), logical_shardings(abstract, mesh, rules)
+
+
 def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh,
                  rules: LogicalRules = DEFAULT_RULES) -> tuple[Any, Any]:
     """Initializes variables directly in their shards; nothing is built whole first.
@@ -171,8 +179,7 @@ def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
       `(variables, shardings)`: unboxed arrays placed by their logical axes,
       and the matching `NamedSharding` tree.
     """
-    abstract = jax.eval_shape(init_fn, rng)
-    shardings = logical_shardings(abstract, mesh, rules)
+    _, shardings = abstract_init(init_fn, rng, mesh, rules)
 
     def unboxed_init(r):
         return nn.unbox(init_fn(r))

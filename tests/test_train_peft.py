@@ -149,3 +149,29 @@ def test_adapters_of_two_runs_switch_on_one_loaded_base(lora_run, base_dir, tmp_
                                    rtol=1e-5, atol=1e-5)
         outputs.append(np.asarray(swapped))
     assert not np.allclose(outputs[0], outputs[1])  # really two different adapters
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "prompt"])
+def test_init_from_skips_the_random_init_and_gives_the_base_weights(base_dir, method,
+                                                                    monkeypatch):
+    # Compiling the random init costs more than a train step's compile; with init_from
+    # every base weight is loaded, so no random values may be made (or needed).
+    config = lora_config(base_dir, method)
+    setup = model_setup.build(config)
+    mesh = partitioning.make_mesh([1, 1, 1], jax.devices()[:1])
+    calls = []
+    real = partitioning.sharded_init
+    monkeypatch.setattr(partitioning, "sharded_init",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    state, frozen, _, _ = model_setup.initial_state(setup, setup.optimizer, mesh,
+                                                    NoCheckpoints())
+    assert not calls
+    _, base = hf.load_t5(base_dir)
+    flat = traverse_util.flatten_dict(model_setup.merge(state.params, frozen))
+    for path, value in traverse_util.flatten_dict(base).items():
+        np.testing.assert_array_equal(np.asarray(flat[path]), value, err_msg=str(path))
+
+    config.init_from = ""  # From scratch: random values are made.
+    setup = model_setup.build(config)
+    model_setup.initial_state(setup, setup.optimizer, mesh, NoCheckpoints())
+    assert calls == [1]
