@@ -11,6 +11,10 @@ phases are timed from the process start (imports included):
   `jit_train_step` call (compilation included);
 - the peer: `from_pretrained`, `get_peft_model`, the first step (eager).
 
+`ours` runs without a compilation cache; `ours_cache_cold` / `ours_cache_warm`
+run twice with one fresh persistent cache (what `ift-jax` does by default),
+so the second shows a repeated start (a restart, a sweep point, `ift-jax eval`).
+
     python benchmarks/startup.py --preset=small --methods=full,lora,prompt
     python benchmarks/startup.py --ift_jax_path=.before   # an older package, for before/after
 
@@ -89,11 +93,15 @@ def peer_first_step(spec: dict) -> dict:
     return {**marks, "loss": loss}
 
 
-def spawn(side: str, spec: dict) -> dict:
-    """One side in a fresh process, timed from just before it starts."""
+def spawn(side: str, spec: dict, cache_dir: str = "") -> dict:
+    """One side in a fresh process, timed from just before it starts; ours with XLA's
+    persistent compilation cache in `cache_dir` if given (as `ift-jax` runs), else none."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    if cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     spec = {**spec, "t0": time.time()}
     proc = subprocess.run([sys.executable, __file__, "--worker", side, json.dumps(spec)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     wall = time.time() - spec["t0"]
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1:], "wall_s": wall}
@@ -113,6 +121,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ift_jax_path", default="",
                         help="a folder holding another ift_jax package for our side "
                              "(before/after comparisons)")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run ours twice with one fresh compilation cache (as "
+                             "`ift-jax` uses one): the second run's start-up is a repeat "
+                             "run's, e.g. a sweep point with the same shapes")
     parser.add_argument("--tag", default="")
     parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
@@ -147,6 +159,10 @@ def main(argv=None) -> int:
                     "batches": batches, "hf_dir": hf_dir, "peer_own_init": True,
                     "ift_jax_path": args.ift_jax_path}
             results[method] = {"ours": spawn("ours", spec), "hf_eager": spawn("peer", spec)}
+            if args.cache:  # A second run finds its programs compiled by the first.
+                cache = os.path.join(workdir, f"xla_cache_{method}")
+                results[method]["ours_cache_cold"] = spawn("ours", spec, cache)
+                results[method]["ours_cache_warm"] = spawn("ours", spec, cache)
             print(method, json.dumps(results[method]), file=sys.stderr, flush=True)
     record = {"benchmark": "startup", "preset": args.preset, "platform": platform,
               "tag": args.tag, "ift_jax_path": args.ift_jax_path or "(installed)",

@@ -110,3 +110,21 @@ def test_train_with_a_missing_init_from_says_so(tmp_path):
 def test_an_error_raised_by_the_config_file_is_shown(capsys):
     assert cli.main(["train", "--config=configs/flan_t5.py:base", "--workdir=/tmp/never"]) == 2
     assert "unknown preset key 'base'; keys: size, method" in capsys.readouterr().err
+
+
+def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path, monkeypatch):
+    import jax
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        monkeypatch.setenv(cli.CACHE_ENV, "off")
+        assert cli.use_compilation_cache() is None
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv(cli.CACHE_ENV, str(tmp_path / "xla"))
+        assert cli.use_compilation_cache() == str(tmp_path / "xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        monkeypatch.setenv(cli.CACHE_ENV, str(tmp_path / "other"))  # A set cache stays.
+        assert cli.use_compilation_cache() == str(tmp_path / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
