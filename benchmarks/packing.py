@@ -139,22 +139,20 @@ def parse_args(argv):
 
 
 def measure(args, batch_paths: dict, workdir: str) -> dict:
+    hf_dir = workers.write_random_checkpoint(args.preset, os.path.join(workdir, "hf"))
     spec = {"preset": args.preset, "method": "full", "dtype": args.dtype,
             "batch_size": args.batch_size, "inputs_length": args.inputs_length,
             "targets_length": args.targets_length, "lora_rank": 32, "prompt_length": 100,
             "learning_rate": 1e-4, "seed": 0, "warmup": args.warmup, "steps": args.steps,
-            "platform": args.platform}
-    hf_dir = os.path.join(workdir, "hf")
-    ours_packed = workers.spawn("ours", {**spec, "batches": batch_paths["packed"],
-                                         "export_dir": hf_dir}, workdir, "ours_packed")
-    sides = {"ours_packed": ours_packed}
+            "platform": args.platform, "init_from": hf_dir}  # Both sides start from it.
+    sides = {"ours_packed": workers.spawn("ours", {**spec, "batches": batch_paths["packed"]},
+                                          workdir, "ours_packed")}
     if args.ours_padded:
         sides["ours_padded"] = workers.spawn("ours", {**spec, "batches": batch_paths["padded"]},
                                              workdir, "ours_padded")
-    sides["hf_eager_padded"] = (
-        workers.spawn("peer", {**spec, "batches": batch_paths["padded"], "hf_dir": hf_dir},
-                      workdir, "hf_padded") if "error" not in ours_packed
-        else {"error": "ours failed, so no shared weights"})
+    sides["hf_eager_padded"] = workers.spawn(
+        "peer", {**spec, "batches": batch_paths["padded"], "hf_dir": hf_dir}, workdir,
+        "hf_padded")
     return sides
 
 

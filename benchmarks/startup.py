@@ -1,8 +1,8 @@
 """Time to the first training step from an HF checkpoint: ours vs HF transformers + PEFT.
 
 What a researcher waits for at every run (and every sweep point): a fresh
-process that loads a T5 checkpoint (`init_from`, random weights of a preset
-written by `hf.save_t5`), builds the method (full fine-tuning, LoRA r=32 on
+process that loads a T5 checkpoint (`init_from`, random weights of a preset,
+`workers.write_random_checkpoint`), builds the method (full fine-tuning, LoRA r=32 on
 q,v, prompt tuning with 100 tokens) and finishes its first training step
 (inputs 512 / targets 128). Each side runs in its own fresh process; the
 phases are timed from the process start (imports included):
@@ -131,20 +131,13 @@ def main(argv=None) -> int:
     platform = train_throughput.platform()
     machine = environment.describe(platform)
 
-    import flax.linen as nn
-    import jax
     import numpy as np
-    from ift_jax import hf
     from ift_jax.models import t5
 
     config = t5.get_config(args.preset, dropout_rate=0.0)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as workdir:
-        abstract = nn.unbox(t5.abstract_variables(config)["params"])
-        params = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32),
-                              abstract)
-        hf_dir = os.path.join(workdir, "hf")
-        hf.save_t5(hf_dir, config, params)
+        hf_dir = workers.write_random_checkpoint(args.preset, os.path.join(workdir, "hf"))
         np.save(os.path.join(hf_dir, workers.PROMPT_FILE),
                 rng.normal(0, 0.5, (100, config.d_model)).astype(np.float32))
         batches = os.path.join(workdir, "batch.npz")

@@ -4,9 +4,11 @@ For each preset and method (full fine-tuning, LoRA r=32 on q and v, prompt
 tuning with 100 virtual tokens) both sides train on the same batch of random
 tokens (inputs 512 / targets 128, every position real: no padding, so both
 do the same work) from the same initial weights, with AdamW over the
-trainable params and gradient clipping at 1.0 (LoRA: the peer gets our initial
-A and B, as prompt tuning gets our initial prompt); each side runs in its own
-process (`workers.py`) so its peak memory is its own.
+trainable params and gradient clipping at 1.0; each side runs in its own
+process (`workers.py`) so its peak memory is its own. As in fine-tuning, both
+load one checkpoint of the preset (random weights written here,
+`workers.write_random_checkpoint`); LoRA: the peer gets our initial A and B,
+as prompt tuning gets our initial prompt.
 
     python benchmarks/train_throughput.py --presets=small,base --methods=full,lora,prompt
 
@@ -125,8 +127,8 @@ def measure_peak(args, workdir: str) -> dict:
     return result
 
 
-def base_spec(args, preset: str, method: str, batch_path: str) -> dict:
-    return {"preset": preset, "method": method, "dtype": args.dtype,
+def base_spec(args, preset: str, method: str, batch_path: str, init_from: str) -> dict:
+    return {"preset": preset, "method": method, "dtype": args.dtype, "init_from": init_from,
             "batch_size": args.batch[preset], "inputs_length": args.inputs_length,
             "targets_length": args.targets_length, "lora_rank": args.lora_rank,
             "prompt_length": args.prompt_length, "learning_rate": 1e-4, "seed": 0,
@@ -148,7 +150,7 @@ class Job:
         return f"{self.preset}_{self.method}_{self.side}"
 
 
-def jobs_in_order(args, batch_paths: dict, workdir: str) -> list[Job]:
+def jobs_in_order(args, batch_paths: dict, workdir: str, init_from: dict) -> list[Job]:
     """Every (preset, method) with ours and the eager peer first, preset by preset, then
     the `torch.compile`d peers: what a deadline cuts is the least wanted."""
     presets, methods = args.presets.split(","), args.methods.split(",")
@@ -157,7 +159,7 @@ def jobs_in_order(args, batch_paths: dict, workdir: str) -> list[Job]:
     for first in (True, False):
         for preset in presets:
             for method in methods:
-                spec = base_spec(args, preset, method, batch_paths[preset])
+                spec = base_spec(args, preset, method, batch_paths[preset], init_from[preset])
                 hf_dir = os.path.join(workdir, f"{preset}_{method}_hf")
                 if first:
                     jobs.append(Job(preset, method, "ours", {**spec, "export_dir": hf_dir}))
@@ -284,13 +286,15 @@ def run(args, machine: dict, workdir: str, argv) -> None:
 
     deadline = time.time() + args.deadline_s if args.deadline_s else float("inf")
     peak = measure_peak(args, workdir)
-    batch_paths = {}
+    batch_paths, init_from = {}, {}
     for preset in args.presets.split(","):
         batch_paths[preset] = os.path.join(workdir, f"{preset}_batch.npz")
         workers.save_batches(batch_paths[preset], [random_batch(
             args.batch[preset], args.inputs_length, args.targets_length,
             t5.get_config(preset).vocab_size, seed=0)])
-    jobs = jobs_in_order(args, batch_paths, workdir)
+        init_from[preset] = workers.write_random_checkpoint(
+            preset, os.path.join(workdir, f"{preset}_base"))
+    jobs = jobs_in_order(args, batch_paths, workdir, init_from)
     sides: dict[tuple[str, str], dict] = {}
 
     def on_done(job: Job, result: dict) -> None:

@@ -12,11 +12,15 @@ the warm-up's peak, compilation included, is reported beside it).
 - `ours`: the training step exactly as `ift-jax train` builds it:
   `model_setup.build` on a config derived from `configs/default.py`,
   `model_setup.initial_state` on a 1-device mesh, `train.jit_train_step`.
-  With `export_dir` it first writes its initial weights as an HF directory
-  (`hf.save_t5`; LoRA adapters with `hf.save_peft_adapter`; the soft prompt
-  as `prompt.npy`) for the peer, so both start from the same weights.
-- `peer`: `transformers.T5ForConditionalGeneration.from_pretrained` of that
-  directory, wrapped by `peft.get_peft_model` for LoRA / prompt tuning,
+  With `init_from` (an HF directory, `write_random_checkpoint`) it starts from
+  those weights as a fine-tuning run does; otherwise from a random init.
+  With `export_dir` it first writes what the peer needs to start from the
+  same weights: the base model (`hf.save_t5`, unless `init_from` has it),
+  its initial LoRA adapters (`hf.save_peft_adapter`) and soft prompt
+  (`prompt.npy`).
+- `peer`: `transformers.T5ForConditionalGeneration.from_pretrained` of
+  `init_from` (else of `hf_dir`), with the adapters / prompt of `hf_dir`,
+  wrapped by `peft.get_peft_model` for LoRA / prompt tuning,
   `torch.optim.AdamW` over the trainable params, HF's own loss from
   `labels`, gradient clipping at 1.0 as ours; optionally `torch.compile`.
 - `matmul`: the device's measured peak matmul rate, jnp and torch, same size.
@@ -155,6 +159,7 @@ def our_config(spec: dict):
     config.data.targets_length = spec["targets_length"]
     config.train.batch_size = spec["batch_size"]
     config.train.seed = spec["seed"]
+    config.init_from = spec.get("init_from", "")
     config.peft.method = spec["method"]
     config.peft.lora_rank = spec["lora_rank"]
     config.peft.lora_alpha = float(spec["lora_rank"])  # scale 1, as the peer's alpha = r
@@ -183,17 +188,43 @@ def _export(setup, state, frozen, out_dir: str) -> None:
     from ift_jax import hf, model_setup, peft
 
     flat = traverse_util.flatten_dict(jax.device_get(model_setup.merge(state.params, frozen)))
-    base = {k: np.asarray(v) for k, v in flat.items()
-            if k[-1] not in peft.LORA_LEAVES and k != peft.PROMPT_PATH}
-    hf.save_t5(out_dir, setup.t5_config, traverse_util.unflatten_dict(base))
+    base_dir = setup.config.init_from or out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    if not setup.config.init_from:
+        base = {k: np.asarray(v) for k, v in flat.items()
+                if k[-1] not in peft.LORA_LEAVES and k != peft.PROMPT_PATH}
+        hf.save_t5(out_dir, setup.t5_config, traverse_util.unflatten_dict(base))
+        del base
     if any(k[-1] in peft.LORA_LEAVES for k in flat):  # Our initial A (and zero B).
         hf.save_peft_adapter(os.path.join(out_dir, ADAPTER_DIR), setup.t5_config,
                              traverse_util.unflatten_dict(flat),
-                             model_setup.lora_config(setup.config.peft, quantize=False), out_dir)
+                             model_setup.lora_config(setup.config.peft, quantize=False), base_dir)
     if peft.PROMPT_PATH in flat:
         np.save(os.path.join(out_dir, PROMPT_FILE), np.asarray(flat[peft.PROMPT_PATH]))
-    del flat, base
+    del flat
     gc.collect()
+
+
+def write_random_checkpoint(preset: str, out_dir: str, seed: int = 0) -> str:
+    """An HF checkpoint of `preset` with random weights (kernels and embeddings
+    N(0, 0.05), layer-norm scales 1), the base both sides load as `init_from`:
+    made on the host, so no worker compiles a random init."""
+    import flax.linen as nn
+    import jax
+    from ift_jax import hf
+    from ift_jax.models import t5
+
+    config = t5.get_config(preset, dropout_rate=0.0)
+    rng = np.random.default_rng(seed)
+
+    def value(path, leaf):
+        if getattr(path[-1], "key", None) == "scale":
+            return np.ones(leaf.shape, np.float32)
+        return rng.normal(0, 0.05, leaf.shape).astype(np.float32)
+
+    abstract = nn.unbox(t5.abstract_variables(config)["params"])
+    hf.save_t5(out_dir, config, jax.tree_util.tree_map_with_path(value, abstract))
+    return out_dir
 
 
 def flops_per_token(setup, spec: dict) -> dict:
@@ -221,6 +252,7 @@ def run_ours(spec: dict) -> dict:
     mesh = partitioning.make_mesh([1, 1, 1], jax.devices()[:1])
     state, frozen, shardings, _ = model_setup.initial_state(
         setup, setup.optimizer, mesh, _NoCheckpoints())
+    setup.init_params = None  # As `train.train_and_evaluate`: on the device now.
     if spec.get("export_dir"):
         _export(setup, state, frozen, spec["export_dir"])
     batch_sharding = partitioning.batch_sharding(mesh)
@@ -258,7 +290,8 @@ def _peer_model(spec: dict):
     import torch
     import transformers
 
-    model = transformers.T5ForConditionalGeneration.from_pretrained(spec["hf_dir"])
+    model = transformers.T5ForConditionalGeneration.from_pretrained(
+        spec.get("init_from") or spec["hf_dir"])
     untied = model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
     if spec["method"] == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(

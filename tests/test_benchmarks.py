@@ -128,7 +128,8 @@ def _throughput_jobs(argv):
     import train_throughput
     args = train_throughput.parse_args(argv)
     paths = {p: f"{p}.npz" for p in args.presets.split(",")}
-    return train_throughput, train_throughput.jobs_in_order(args, paths, "/unused")
+    return train_throughput, train_throughput.jobs_in_order(
+        args, paths, "/unused", {p: f"{p}_base" for p in paths})
 
 
 def test_jobs_put_ours_and_the_eager_peer_first_and_compiled_peers_last():
@@ -141,6 +142,7 @@ def test_jobs_put_ours_and_the_eager_peer_first_and_compiled_peers_last():
         "small_lora_hf_compile"]
     peer = jobs[1].spec
     assert peer["hf_dir"] == jobs[0].spec["export_dir"] and not peer["compile"]
+    assert peer["init_from"] == jobs[0].spec["init_from"] == "tiny_base"
     assert jobs[-1].spec["compile"] and jobs[-1].spec["batches"] == "small.npz"
 
 
