@@ -18,8 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ift-jax train --workdir=workdirs/default
 
+# Two worker processes, each taking whole files (module fixtures are built once).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

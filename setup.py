@@ -34,6 +34,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8,<10",
+        # Two test processes (`make test`): most tests wait on one XLA compile at a time.
+        "pytest-xdist>=3.6,<4",
         # Executing notebooks/ (tests/test_notebook.py).
         "nbclient>=0.10,<0.12",
         "nbformat>=5.10,<6",
