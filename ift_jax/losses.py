@@ -67,6 +67,22 @@ def sequence_weights(weights_BxL: jax.Array, segment_ids_BxL: jax.Array | None
     return jnp.where(weights_BxL > 0, weights_BxL / jnp.maximum(per_token, 1.0), 0.0)
 
 
+def _weights_and_scale(batch: dict, cfg: LossConfig) -> tuple[jax.Array, jax.Array]:
+    """Per-token loss weights and the per-token factors of the normalized sum."""
+    targets = batch["decoder_target_tokens"]
+    weights = batch.get("decoder_loss_weights", (targets > 0)).astype(jnp.float32)
+    if cfg.normalization == "sequences":
+        return weights, sequence_weights(weights, batch.get("decoder_segment_ids"))
+    return weights, weights
+
+
+def loss_denominator(batch: dict, cfg: LossConfig) -> jax.Array:
+    """`loss_terms(...)["denominator"]` of the whole batch, from the batch alone
+    (it never depends on the logits), so a train step can divide the loss before
+    differentiating it."""
+    return jnp.sum(_weights_and_scale(batch, cfg)[1])
+
+
 def loss_terms(logits: jax.Array, batch: dict, cfg: LossConfig) -> dict[str, jax.Array]:
     """Sums that normalize correctly across microbatches and devices.
 
@@ -74,13 +90,9 @@ def loss_terms(logits: jax.Array, batch: dict, cfg: LossConfig) -> dict[str, jax
     `correct` and `tokens` for accuracy.
     """
     targets = batch["decoder_target_tokens"]
-    weights = batch.get("decoder_loss_weights", (targets > 0)).astype(jnp.float32)
+    weights, scale = _weights_and_scale(batch, cfg)
     token_loss, token_z = token_cross_entropy(logits, targets, cfg.label_smoothing,
                                               cfg.z_loss)
-    if cfg.normalization == "sequences":
-        scale = sequence_weights(weights, batch.get("decoder_segment_ids"))
-    else:
-        scale = weights
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
     return {"loss_sum": jnp.sum(token_loss * scale), "z_loss_sum": jnp.sum(token_z * scale),
             "denominator": jnp.sum(scale), "correct": jnp.sum(correct),

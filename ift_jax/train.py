@@ -64,10 +64,15 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: Array, *,
         params = trainable merged with frozen (see `model_setup`).
     """
 
+    # The whole batch's denominator, known before the forward pass: dividing the
+    # loss by it (a constant) scales backprop's seed, so the gradients come out
+    # normalized instead of taking one more pass over all of them afterwards.
+    denominator = jnp.maximum(losses.loss_denominator(batch, loss_cfg), 1e-8)
+
     def loss_of(trainable, micro, micro_rng):
         logits = apply_fn(model_setup.merge(trainable, frozen), micro, micro_rng)
         terms = losses.loss_terms(logits, micro, loss_cfg)
-        return terms["loss_sum"], terms
+        return terms["loss_sum"] / denominator, terms
 
     grad_fn = jax.grad(loss_of, has_aux=True)
     if num_microbatches == 1:
@@ -85,8 +90,7 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: Array, *,
         (grads, terms), _ = jax.lax.scan(
             body, (zeros_g, zeros_t),
             (_microbatches(batch, num_microbatches), jnp.arange(num_microbatches)))
-    denominator = jnp.maximum(terms["denominator"], 1e-8)
-    grads = jax.tree.map(lambda g: (g / denominator).astype(jnp.float32), grads)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": terms["loss_sum"] / denominator,
