@@ -205,10 +205,25 @@ def _export(setup, state, frozen, out_dir: str) -> None:
     gc.collect()
 
 
+def _init_stddev(names: tuple[str, ...], shape: tuple[int, ...]) -> float:
+    """The stddev `ift_jax.models` initializes a weight with (t5x's scheme):
+    1/sqrt(fan in), the query's also over d_kv; embeddings 1."""
+    if names[-1] in ("embedding", "rel_embedding"):
+        return 1.0
+    if "query" in names:  # [embed, heads, kv]
+        return (shape[0] * shape[-1]) ** -0.5
+    if "out" in names:  # [heads, kv, embed]
+        return (shape[0] * shape[1]) ** -0.5
+    return shape[0] ** -0.5
+
+
 def write_random_checkpoint(preset: str, out_dir: str, seed: int = 0) -> str:
-    """An HF checkpoint of `preset` with random weights (kernels and embeddings
-    N(0, 0.05), layer-norm scales 1), the base both sides load as `init_from`:
-    made on the host, so no worker compiles a random init."""
+    """An HF checkpoint of `preset` with random weights at the model's own init
+    scales (layer-norm scales 1), the base both sides load as `init_from`: made
+    on the host, so no worker compiles a random init. Realistic scales matter:
+    with one N(0, 0.05) for every weight (as before) the attention logits were
+    ~9x too large, the softmax saturated, and the two sides' fp32 first losses
+    differed by 7e-4 relative from rounding alone."""
     import flax.linen as nn
     import jax
     from ift_jax import hf
@@ -218,9 +233,10 @@ def write_random_checkpoint(preset: str, out_dir: str, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
 
     def value(path, leaf):
-        if getattr(path[-1], "key", None) == "scale":
+        names = tuple(getattr(p, "key", str(p)) for p in path)
+        if names[-1] == "scale":
             return np.ones(leaf.shape, np.float32)
-        return rng.normal(0, 0.05, leaf.shape).astype(np.float32)
+        return rng.normal(0, _init_stddev(names, leaf.shape), leaf.shape).astype(np.float32)
 
     abstract = nn.unbox(t5.abstract_variables(config)["params"])
     hf.save_t5(out_dir, config, jax.tree_util.tree_map_with_path(value, abstract))
