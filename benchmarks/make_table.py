@@ -233,7 +233,9 @@ def notes(name: str, record: dict) -> list[str]:
     for preset, why in record.get("skipped", {}).items():
         parts.append(f"preset {preset} skipped: {why}")
     for key, speedup in record.get("speedup_after_over_before", {}).items():
-        parts.append(f"{key} {speedup:.2f}x")
+        vs_peer = record.get("comparison", {}).get(key, {}).get("ours_over_hf_tokens_per_s")
+        parts.append(f"{key} {speedup:.2f}x" + (
+            f" (ours/HF {vs_peer['before']:.2f} -> {vs_peer['after']:.2f})" if vs_peer else ""))
     if "change" in record:
         parts.insert(0, f"before/after of: {record['change']}; ours after / before")
     for part, run in record.get("parts", {}).items():

@@ -101,6 +101,21 @@ def test_make_table_renders_a_row_per_figure(results_dir, train_record, tmp_path
     assert "peak matmul 64³" in text
 
 
+def test_before_after_pairs_the_same_preset_and_method_of_two_runs(results_dir, train_record,
+                                                                   tmp_path):
+    run_script("before_after.py", f"--before_dir={results_dir}", f"--after_dir={results_dir}",
+               "--before_code=same run", "--change=none", "--name=same",
+               f"--output_dir={tmp_path}")
+    record = read(tmp_path / "before_after_same.json")
+    entry = train_record["entries"][0]
+    row = record["comparison"]["tiny_lora"]
+    assert row["ours_step_s"]["before"] == entry["sides"]["ours"]["median_step_s"]
+    assert row["speedup_after_over_before"] == 1.0
+    assert row["ours_over_hf_tokens_per_s"]["after"] == pytest.approx(
+        entry["ratios_ours_over_peer"]["hf_eager"]["tokens_per_s"])
+    assert record["command"].startswith("python benchmarks/before_after.py")
+
+
 def test_prompt_tuning_peer_trains_one_encoder_prompt_equal_to_ours(tmp_path):
     # PEFT's seq2seq default makes a second (decoder) prompt table its forward never
     # reads; the peer must have ours' trainable params and start from ours' prompt.
