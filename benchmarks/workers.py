@@ -268,7 +268,7 @@ def run_ours(spec: dict) -> dict:
     mesh = partitioning.make_mesh([1, 1, 1], jax.devices()[:1])
     state, frozen, shardings, _ = model_setup.initial_state(
         setup, setup.optimizer, mesh, _NoCheckpoints())
-    setup.init_params = None  # As `train.train_and_evaluate`: on the device now.
+    model_setup.release_init_params(setup)  # On the devices now.
     if spec.get("export_dir"):
         _export(setup, state, frozen, spec["export_dir"])
     batch_sharding = partitioning.batch_sharding(mesh)

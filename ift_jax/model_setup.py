@@ -12,8 +12,10 @@ Start-up order, as DESIGN.md decides (logged as it happens):
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
+import gc
 import logging
 import os
 from typing import Any, Iterator, Optional
@@ -257,6 +259,19 @@ class Shardings:
 def _dummy(config) -> tuple[jax.Array, jax.Array]:
     return (jnp.ones((1, config.data.inputs_length), jnp.int32),
             jnp.ones((1, config.data.targets_length), jnp.int32))
+
+
+def release_init_params(setup: Setup) -> None:
+    """Drops the host copy of the `init_from` weights (on the devices by now) and
+    hands the freed memory back to the OS. glibc keeps the freed blocks of a
+    multi-GB load in its arenas otherwise: T5 base LoRA held 2.85 GiB of RSS
+    after the drop, 1.28 GiB after the trim (0.96 GiB of it weights)."""
+    setup.init_params = None
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # Not glibc (macOS, musl): nothing to trim.
+        pass
 
 
 def initial_state(setup: Setup, tx, mesh, ckpt: checkpointing.Checkpointer):

@@ -208,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx = setup.optimizer
     ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     state, frozen, shardings, start = model_setup.initial_state(setup, tx, mesh, ckpt)
-    setup.init_params = None  # On the devices now; a host copy would hold RAM all run.
+    model_setup.release_init_params(setup)  # On the devices now.
     if jax.process_index() == 0:
         model_setup.write_model_info(workdir, setup, state.params, frozen)
 
