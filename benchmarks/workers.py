@@ -330,9 +330,9 @@ def _peer_model(spec: dict):
 
 
 def _load_our_adapters(model, adapter_dir: str) -> None:
-    """Our initial LoRA A/B into the PEFT model: PEFT's own A init (kaiming-uniform,
-    a=sqrt(5)) is sqrt(6) times narrower than qwix's he-uniform, so without this
-    the two sides would train different adapters from the second step on."""
+    """Our initial LoRA A/B into the PEFT model. Both draw A from the same
+    distribution (`ift_jax.peft.lora_a_init`), but not the same values: without
+    this the two sides would train different adapters from the second step on."""
     import peft
     from safetensors.torch import load_file
 
