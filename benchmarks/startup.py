@@ -7,7 +7,7 @@ q,v, prompt tuning with 100 tokens) and finishes its first training step
 (inputs 512 / targets 128). Each side runs in its own fresh process; the
 phases are timed from the process start (imports included):
 
-- ours: `model_setup.build` (reads the checkpoint), `initial_state`, the first
+- ours: `runs.build_setup` (reads the checkpoint), `model_setup.initialize`, the first
   `jit_train_step` call (compilation included);
 - the peer: `from_pretrained`, `get_peft_model`, the first step (eager).
 
@@ -46,20 +46,20 @@ def ours_first_step(spec: dict) -> dict:
     if spec["ift_jax_path"]:  # Ahead of the repository root that `workers` put first.
         sys.path.insert(0, os.path.abspath(spec["ift_jax_path"]))
     import jax
-    from ift_jax import model_setup, partitioning, train
+    from ift_jax import model_setup, partitioning, runs, train_step
     marks["ift_jax_from"] = os.path.dirname(model_setup.__file__)
     mark("imports_s")
     config = workers.our_config(spec)
     config.init_from = spec["hf_dir"]
-    setup = model_setup.build(config)
+    setup = runs.build_setup(config)
     mark("build_s")
     mesh = partitioning.make_mesh([1, 1, 1], jax.devices()[:1])
-    state, frozen, shardings, _ = model_setup.initial_state(
-        setup, setup.optimizer, mesh, workers._NoCheckpoints())
+    init = model_setup.initialize(setup, mesh)
+    state, frozen, shardings = init.state, init.frozen, init.shardings
     jax.block_until_ready(state)
     mark("initial_state_s")
     batch_sharding = partitioning.batch_sharding(mesh)
-    step = train.jit_train_step(setup, shardings, batch_sharding)
+    step = train_step.jit_train_step(setup, shardings, batch_sharding)
     batch = {k: jax.device_put(v, batch_sharding)
              for k, v in workers.load_batches(spec["batches"])[0].items()}
     with partitioning.mesh_context(mesh):

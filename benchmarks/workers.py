@@ -11,7 +11,7 @@ the warm-up's peak, compilation included, is reported beside it).
 
 - `ours`: the training step exactly as `ift-jax train` builds it:
   `model_setup.build` on a config derived from `configs/default.py`,
-  `model_setup.initial_state` on a 1-device mesh, `train.jit_train_step`.
+  `model_setup.initialize` on a 1-device mesh, `train_step.jit_train_step`.
   With `init_from` (an HF directory, `write_random_checkpoint`) it starts from
   those weights as a fine-tuning run does; otherwise from a random init.
   With `export_dir` it first writes what the peer needs to start from the
@@ -174,13 +174,6 @@ def our_config(spec: dict):
     return config
 
 
-class _NoCheckpoints:
-    """An empty workdir: `initial_state` starts from scratch."""
-
-    def latest_step(self):
-        return None
-
-
 def _export(setup, state, frozen, out_dir: str) -> None:
     """Our initial weights as an HF directory (+ the soft prompt) for the peer."""
     import jax
@@ -262,17 +255,17 @@ def flops_per_token(setup, spec: dict) -> dict:
 
 def run_ours(spec: dict) -> dict:
     import jax
-    from ift_jax import model_setup, partitioning, peft, train
+    from ift_jax import model_setup, partitioning, peft, runs, train_step
 
-    setup = model_setup.build(our_config(spec))
+    setup = runs.build_setup(our_config(spec))
     mesh = partitioning.make_mesh([1, 1, 1], jax.devices()[:1])
-    state, frozen, shardings, _ = model_setup.initial_state(
-        setup, setup.optimizer, mesh, _NoCheckpoints())
+    init = model_setup.initialize(setup, mesh)
+    state, frozen, shardings = init.state, init.frozen, init.shardings
     model_setup.release_init_params(setup)  # On the devices now.
     if spec.get("export_dir"):
         _export(setup, state, frozen, spec["export_dir"])
     batch_sharding = partitioning.batch_sharding(mesh)
-    step_fn = train.jit_train_step(setup, shardings, batch_sharding)
+    step_fn = train_step.jit_train_step(setup, shardings, batch_sharding)
     batches = [{k: jax.device_put(v, batch_sharding) for k, v in b.items()}
                for b in load_batches(spec["batches"])]
     sizes = {"trainable_params": peft.count_params(state.params),

@@ -1,13 +1,13 @@
 """From a run config to a ready model: architecture, method, params, optimizer, data.
 
-Reads the ConfigDict in one place (with `train.train_and_evaluate`) and hands
-plain objects to the rest: a `Setup` (model, trainable partition, apply
-functions, optimizer) and the initial `(state, frozen)` on the mesh.
+Reads the ConfigDict in one place (with `runs` and `train.train_and_evaluate`)
+and hands plain objects to the rest: a `Setup` (model, trainable partition,
+apply functions, optimizer) and the *initialized* `(state, frozen)` on a mesh.
 
-Start-up order, as DESIGN.md decides (logged as it happens):
-  1. resume from the latest checkpoint in the workdir;
-  2. else `init_from`: an HF T5 directory or another ift_jax workdir;
-  3. else from scratch.
+This module only initializes; it never reads a checkpoint. Where a run's
+weights come from (resume, `init_from`, scratch) is decided by `ift_jax.runs`,
+which loads an `init_from` base and hands it to `build`, and restores
+checkpoints into the shapes `initialize` gives.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import ctypes
 import dataclasses
 import functools
 import gc
-import logging
 import os
 from typing import Any, Iterator, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,10 +27,17 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from ift_jax import checkpointing, fileio, hf, model_info, optim, partitioning, peft
+from ift_jax import fileio, model_info, optim, partitioning, peft
 from ift_jax.models import t5
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # The trainable subtree only.
+    opt_state: Any
 
 
 def merge(trainable: Any, frozen: Any) -> dict:
@@ -183,38 +190,28 @@ def _matmul_positions(c: t5.T5Config, key: tuple, encoder: int, decoder: int) ->
     return decoder
 
 
-def build(config: ml_collections.ConfigDict) -> Setup:
-    """Model, method and optimizer from the config (no params yet)."""
+def build(config: ml_collections.ConfigDict,
+          base: Optional[tuple[t5.T5Config, dict]] = None) -> Setup:
+    """Model, method and optimizer from the config (no params yet).
+
+    Args:
+      base: `(architecture, host params)` of `config.init_from`, loaded by
+        `runs.load_base` (this module reads no checkpoint). Its architecture
+        replaces `config.model`'s, keeping this run's dtype and dropout.
+    """
     arch = t5_config(config.model)
     init_params = None
-    if config.init_from:
-        arch, init_params = _load_init_from(config.init_from, arch)
+    if config.init_from and base is None:
+        raise ValueError(f"init_from {config.init_from!r} is set but its weights were not "
+                         f"loaded: build the setup with ift_jax.runs.build_setup(config)")
+    if base is not None:
+        loaded, init_params = base
+        arch = loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate)
     method = config.peft.method
     model, eval_model, prompt_cfg = _models_for(method, arch, config.peft)
     opt_cfg = optimizer_config(config)
     return Setup(config, arch, model, method, opt_cfg, optim.make_optimizer(opt_cfg),
                  init_params, eval_model, prompt_cfg)
-
-
-def _is_hf_dir(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "config.json")) and not os.path.isdir(
-        os.path.join(path, "checkpoints"))
-
-
-def _load_init_from(source: str, arch: t5.T5Config) -> tuple[t5.T5Config, dict]:
-    """The base model of `init_from`: its architecture (with this run's dtype and
-    dropout) and its params as host arrays."""
-    if not fileio.exists(source):
-        raise FileNotFoundError(f"init_from {source!r}: no such file or directory")
-    if _is_hf_dir(source):
-        loaded, params = hf.load_t5(source)
-        return loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate), params
-    if fileio.isdir(os.path.join(source, "checkpoints")):
-        from ift_jax import export  # export reads runs through this module.
-        loaded, params = export.params_from_workdir(source)
-        return loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate), params
-    raise ValueError(f"init_from {source!r} is neither an HF T5 directory (config.json + "
-                     f"weights) nor an ift_jax workdir with checkpoints")
 
 
 def lora_config(peft_cfg: ml_collections.ConfigDict, quantize: bool) -> peft.LoraConfig:
@@ -274,54 +271,75 @@ def release_init_params(setup: Setup) -> None:
         pass
 
 
-def initial_state(setup: Setup, tx, mesh, ckpt: checkpointing.Checkpointer):
-    """(state, frozen, shardings, start_step) following the start-up order."""
-    from ift_jax.train import TrainState
+@dataclasses.dataclass
+class Initialized:
+    """The starting `(state, frozen)` of a setup on a mesh, and their shardings.
 
+    With `restoring=True` the trainable `state` holds `jax.ShapeDtypeStruct`s
+    (with shardings) for a checkpoint to fill, and no values were computed
+    for it.
+    """
+
+    state: TrainState
+    frozen: Any
+    shardings: Shardings
+
+
+def initialize(setup: Setup, mesh: jax.sharding.Mesh, *, restoring: bool = False
+               ) -> Initialized:
+    """The run's starting model on `mesh`: `init_from` weights, else seeded random ones.
+
+    Frozen params always get values (PEFT checkpoints do not hold them); the
+    trainable state gets values unless `restoring`. Random values are compiled
+    only when something needs them: not for `init_from` PEFT runs (the base
+    covers every frozen param), nor for full fine-tuning that restores.
+    """
     enc, dec = _dummy(setup.config)
     init_fn = lambda rng: setup.model.init(rng, enc, dec)  # noqa: E731
     rng = jax.random.key(setup.config.train.seed)
-    abstract, var_shardings = partitioning.abstract_init(init_fn, rng, mesh)
-    params, param_shardings = abstract["params"], var_shardings["params"]
-    if not _base_covers(setup, params):  # Random values are needed: compile the init.
+    params, var_shardings = partitioning.abstract_init(init_fn, rng, mesh)
+    params, param_shardings = params["params"], var_shardings["params"]
+    mask = setup.trainable_mask(params)
+    if not _base_covers(setup, params) and not (restoring and _all_trainable(mask)):
         params = partitioning.sharded_init(init_fn, rng, mesh)[0]["params"]
-    latest = ckpt.latest_step()
     if setup.config.init_from:
         params = _with_base(setup, params, param_shardings)
-    mask = setup.trainable_mask(params)
     trainable, frozen = peft.split_params(params, mask)
     trainable_sh, frozen_sh = peft.split_params(param_shardings, mask)
+    trainable_abstract = jax.tree.map(_abstract, trainable, trainable_sh)
     with partitioning.mesh_context(mesh):
-        opt_state = jax.jit(tx.init)(trainable)
-    state = TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
-    state_sh = _state_shardings(state, trainable_sh, mesh)
-    state = jax.device_put(state, state_sh)
-    shardings = Shardings(state_sh, frozen_sh)
-    if latest is not None:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, _ = ckpt.restore(latest, abstract, setup.fingerprint)
-        logging.info("start-up: resumed from %s step %d", ckpt.directory, latest)
-        return state, frozen, shardings, latest
-    if setup.config.init_from:
-        logging.info("start-up: initialized from %s", setup.config.init_from)
+        init_optimizer = jax.jit(setup.optimizer.init).lower(trainable_abstract).compile()
+    state_sh = TrainState(partitioning.replicated(mesh), trainable_sh,
+                          _on_mesh(init_optimizer.output_shardings, mesh))
+    if restoring:
+        state = TrainState(jnp.zeros((), jnp.int32), trainable_abstract,
+                           jax.eval_shape(setup.optimizer.init, trainable_abstract))
+        state = jax.tree.map(_abstract, state, state_sh)
     else:
-        logging.info("start-up: from scratch (no checkpoint in the workdir, no init_from)")
-    return state, frozen, shardings, 0
+        state = TrainState(jnp.zeros((), jnp.int32), trainable, init_optimizer(trainable))
+        state = jax.device_put(state, state_sh)
+    return Initialized(state, frozen, Shardings(state_sh, frozen_sh))
 
 
-def _state_shardings(state, trainable_sh, mesh):
-    """Params as laid out; optimizer leaves keep the layout XLA gave them on this
-    mesh (param-shaped moments follow their params), anything else replicated."""
+def _abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _all_trainable(mask: Any) -> bool:
+    return all(jax.tree.leaves(mask))
+
+
+def _on_mesh(shardings: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Optimizer-state leaves keep the layout XLA gave them on this mesh (param-shaped
+    moments follow their params); anything else is replicated."""
     replicated = partitioning.replicated(mesh)
 
-    def on_mesh(x):
-        sharding = getattr(x, "sharding", None)
+    def on_mesh(sharding):
         if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
             return sharding
         return replicated
 
-    return type(state)(replicated, trainable_sh, jax.tree.map(on_mesh, state.opt_state))
+    return jax.tree.map(on_mesh, shardings)
 
 
 def _base_covers(setup: Setup, abstract_params: Any) -> bool:

@@ -28,7 +28,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ift_jax import fileio
 
@@ -123,16 +123,16 @@ def finished(workdir: str) -> bool:
 
 
 def run(config_spec: str, root: str, extra: Sequence[str] = (), dry_run: bool = False,
-        validate=None, in_process: bool = False) -> int:
+        validate=None, in_process: Optional[Callable[[list[str]], int]] = None) -> int:
     """Runs (or, with `dry_run`, prints) every point; returns the number that failed.
 
     Args:
       validate: `argv -> None` raising on bad flags (the CLI's parser), called for
         every point before anything runs, so a typo fails the sweep up front.
-      in_process: run the points in this process (`ift_jax.cli.main`) instead of
-        one `ift-jax train` process each: no start-up per point (quick CPU
-        sweeps, notebooks), but the peak host memory reported is the process's
-        so far, not the point's own.
+      in_process: `argv -> exit code` running one point's `ift-jax` argv in this
+        process (the CLI passes its own `main`) instead of one `ift-jax train`
+        process each: no start-up per point (quick CPU sweeps, notebooks), but
+        the peak host memory reported is the process's so far, not the point's own.
     """
     points = load_points(config_spec)
     todo = commands(config_spec, root, points, extra)
@@ -152,8 +152,7 @@ def run(config_spec: str, root: str, extra: Sequence[str] = (), dry_run: bool = 
             continue
         print(f"sweep point {name}: {shlex.join(argv)}", flush=True)
         if in_process:
-            from ift_jax import cli
-            code, stopped = cli.main(argv[1:]), False
+            code, stopped = in_process(argv[1:]), False
         else:
             code, stopped = _run_point([sys.executable, "-m", "ift_jax", *argv[1:]])
         if stopped:  # Preempted: the point saved a checkpoint; a re-run resumes it.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ift_jax.configs import default
-from ift_jax import checkpointing, losses, model_setup, partitioning, train
+from ift_jax import checkpointing, losses, model_setup, partitioning, runs, train
 
 
 def tiny_config(**train_overrides):
@@ -80,17 +80,10 @@ def test_unknown_loss_normalization_lists_choices():
 # The step.
 
 
-class NoCheckpoints:
-    """Stands in for a Checkpointer of an empty workdir."""
-
-    def latest_step(self):
-        return None
-
-
 def _steps_on(mesh, config, batches):
     setup = model_setup.build(config)
-    state, frozen, shardings, _ = model_setup.initial_state(setup, setup.optimizer, mesh,
-                                                            NoCheckpoints())
+    init = model_setup.initialize(setup, mesh)
+    state, frozen, shardings = init.state, init.frozen, init.shardings
     batch_sharding = partitioning.batch_sharding(mesh)
     step = train.jit_train_step(setup, shardings, batch_sharding)
     losses_seen = []
@@ -190,7 +183,7 @@ def test_init_from_with_another_architecture_names_the_param_and_shapes(tmp_path
     config = tiny_config(steps=2)
     config.init_from = str(tmp_path / "hf")
     config.model.d_ff = 64  # ignored: the architecture comes from the checkpoint
-    setup = model_setup.build(config)
+    setup = runs.build_setup(config)
     assert setup.t5_config.d_ff == 48
     with pytest.raises(ValueError, match=r"init_from param .* has shape .*, the model "
                                          r"expects"):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ift_jax import export, hf, model_setup, partitioning, peft, train
+from ift_jax import export, hf, model_setup, partitioning, peft, runs, train
 from ift_jax.models import t5
-from test_train import NoCheckpoints, tiny_config
+from test_train import tiny_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -26,6 +26,16 @@ def base_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("base"))
     hf.save_t5(out, BASE, params)
     return out
+
+
+def load_run(workdir, step=None):
+    """(setup, full params, step) of a run's checkpoint, read on one device."""
+    run = runs.Run.open(workdir, mesh=partitioning.make_mesh([1, 1, 1], jax.devices()[:1]))
+    try:
+        params, step = run.params(step)
+    finally:
+        run.close()
+    return run.setup, params, step
 
 
 def lora_config(base_dir, method="lora"):
@@ -46,7 +56,7 @@ def lora_run(base_dir, tmp_path_factory):
 
 def test_frozen_params_are_bitwise_the_base_after_training(lora_run, base_dir):
     _, base = hf.load_t5(base_dir)
-    setup, params, step = export.load_run(lora_run)
+    setup, params, step = load_run(lora_run)
     assert step == 3
     flat = traverse_util.flatten_dict(params)
     for path, value in traverse_util.flatten_dict(base).items():
@@ -57,10 +67,10 @@ def test_frozen_params_are_bitwise_the_base_after_training(lora_run, base_dir):
 
 def test_optimizer_state_covers_only_the_trainable_params(base_dir):
     config = lora_config(base_dir)
-    setup = model_setup.build(config)
+    setup = runs.build_setup(config)
     mesh = partitioning.make_mesh([1, 1, 1], jax.devices()[:1])
-    state, frozen, _, _ = model_setup.initial_state(setup, setup.optimizer, mesh,
-                                                    NoCheckpoints())
+    init = model_setup.initialize(setup, mesh)
+    state, frozen = init.state, init.frozen
     trainable = sum(x.size for x in jax.tree.leaves(state.params))
     frozen_count = sum(x.size for x in jax.tree.leaves(frozen))
     moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim >= 1)
@@ -82,7 +92,7 @@ def _batch():
 
 def test_export_hf_loads_in_transformers_with_the_same_logits(lora_run, tmp_path):
     export.export_hf(lora_run, str(tmp_path))
-    setup, params, _ = export.load_run(lora_run)
+    setup, params, _ = load_run(lora_run)
     enc, dec = _batch()
     ours = _logits_of_run(setup, params, enc, dec)
     model = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
@@ -95,7 +105,7 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(lora_run, tmp_path
 def test_export_peft_loads_onto_the_base_with_the_same_logits(lora_run, base_dir, tmp_path):
     import peft as hf_peft
     export.export_peft(lora_run, str(tmp_path))
-    setup, params, _ = export.load_run(lora_run)
+    setup, params, _ = load_run(lora_run)
     enc, dec = _batch()
     ours = _logits_of_run(setup, params, enc, dec)
     base = transformers.T5ForConditionalGeneration.from_pretrained(base_dir)
@@ -109,9 +119,9 @@ def test_export_peft_loads_onto_the_base_with_the_same_logits(lora_run, base_dir
 def test_init_from_a_workdir_starts_from_its_merged_model(lora_run, tmp_path):
     config = tiny_config(steps=2)
     config.init_from = lora_run
-    setup = model_setup.build(config)
-    run_setup, run_params, _ = export.load_run(lora_run)
-    merged = export.plain_params(run_setup, run_params)
+    setup = runs.build_setup(config)
+    run_setup, run_params, _ = load_run(lora_run)
+    merged = runs.plain_params(run_setup, run_params)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  setup.init_params, jax.device_get(merged))
 
@@ -144,7 +154,7 @@ def test_adapters_of_two_runs_switch_on_one_loaded_base(lora_run, base_dir, tmp_
                                 hf.load_peft_config(str(tmp_path / "adapter"), base_config),
                                 for_eval=True)
         swapped = model.apply({"params": peft.with_adapter(base, adapter)}, enc, dec)
-        setup, params, _ = export.load_run(run)
+        setup, params, _ = load_run(run)
         np.testing.assert_allclose(swapped, _logits_of_run(setup, params, enc, dec),
                                    rtol=1e-5, atol=1e-5)
         outputs.append(np.asarray(swapped))
@@ -157,14 +167,14 @@ def test_init_from_skips_the_random_init_and_gives_the_base_weights(base_dir, me
     # Compiling the random init costs more than a train step's compile; with init_from
     # every base weight is loaded, so no random values may be made (or needed).
     config = lora_config(base_dir, method)
-    setup = model_setup.build(config)
+    setup = runs.build_setup(config)
     mesh = partitioning.make_mesh([1, 1, 1], jax.devices()[:1])
     calls = []
     real = partitioning.sharded_init
     monkeypatch.setattr(partitioning, "sharded_init",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    state, frozen, _, _ = model_setup.initial_state(setup, setup.optimizer, mesh,
-                                                    NoCheckpoints())
+    init = model_setup.initialize(setup, mesh)
+    state, frozen = init.state, init.frozen
     assert not calls
     _, base = hf.load_t5(base_dir)
     flat = traverse_util.flatten_dict(model_setup.merge(state.params, frozen))
@@ -173,5 +183,5 @@ def test_init_from_skips_the_random_init_and_gives_the_base_weights(base_dir, me
 
     config.init_from = ""  # From scratch: random values are made.
     setup = model_setup.build(config)
-    model_setup.initial_state(setup, setup.optimizer, mesh, NoCheckpoints())
+    model_setup.initialize(setup, mesh)
     assert calls == [1]

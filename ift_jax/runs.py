@@ -1,0 +1,264 @@
+"""Where a run's weights come from, and reading a run back.
+
+One home for "config + checkpoint at a step, on a given mesh", used by
+training (start-up), evaluation, `predict`, `score`, `export` and the
+benchmarks. It sits above `model_setup` (which only initializes) and
+`checkpointing` (which only saves and restores trees), and below everything
+that uses a model.
+
+- `load_base(source)`: the weights of `init_from` (an HF T5 directory or
+  another ift_jax workdir, whose final model is read back merged).
+- `build_setup(config)`: `model_setup.build` with that base loaded.
+- `start(setup, mesh, ckpt)`: the training start-up order, logged as it
+  happens: 1. resume from the latest checkpoint in the workdir; 2. else
+  `init_from`; 3. else from scratch.
+- `Run`: a finished (or running) run read back on a mesh: its config,
+  setup, checkpoint steps, and full params at a step (step 0: the starting
+  model), sharded as they are for training.
+- `plain_params`: a plain `t5.Transformer` param tree (LoRA merged, QLoRA
+  dequantized); `host_params`: every shard gathered to host numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ift_jax import checkpointing, fileio, hf, model_setup, partitioning, peft
+from ift_jax.models import t5
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote into its workdir."""
+    path = os.path.join(workdir, "config.json")
+    if not fileio.exists(path):
+        raise FileNotFoundError(f"{workdir} is not an ift_jax workdir: no config.json")
+    with fileio.open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _is_hf_dir(path: str) -> bool:
+    return fileio.exists(os.path.join(path, "config.json")) and not fileio.isdir(
+        os.path.join(path, "checkpoints"))
+
+
+def load_base(source: str) -> tuple[t5.T5Config, dict]:
+    """`init_from`'s architecture and params as host arrays.
+
+    Raises:
+      FileNotFoundError: `source` does not exist.
+      ValueError: `source` is neither an HF T5 directory nor an ift_jax workdir.
+    """
+    if not fileio.exists(source):
+        raise FileNotFoundError(f"init_from {source!r}: no such file or directory")
+    if _is_hf_dir(source):
+        return hf.load_t5(source)
+    if fileio.isdir(os.path.join(source, "checkpoints")):
+        run = Run.open(source, mesh=_one_device_mesh())
+        try:
+            params, step = run.params()
+            logging.info("init_from %s step %d (%s)", source, step, run.setup.method)
+            return run.setup.t5_config, host_params(plain_params(run.setup, params))
+        finally:
+            run.close()
+    raise ValueError(f"init_from {source!r} is neither an HF T5 directory (config.json + "
+                     f"weights) nor an ift_jax workdir with checkpoints")
+
+
+def build_setup(config: ml_collections.ConfigDict) -> model_setup.Setup:
+    """`model_setup.build` with the `init_from` base (if any) loaded."""
+    base = load_base(config.init_from) if config.init_from else None
+    return model_setup.build(config, base)
+
+
+def restore(ckpt: checkpointing.Checkpointer, step: int, setup: model_setup.Setup,
+            like: model_setup.TrainState) -> model_setup.TrainState:
+    """The trainable state of checkpoint `step`, in the shapes and shardings of `like`."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    state, _ = ckpt.restore(step, abstract, setup.fingerprint)
+    return state
+
+
+def start(setup: model_setup.Setup, mesh: jax.sharding.Mesh,
+          ckpt: checkpointing.Checkpointer) -> tuple[model_setup.Initialized, int]:
+    """The training start-up: `(initialized state, start step)`.
+
+    Order (DESIGN): 1. resume from the latest checkpoint of the workdir;
+    2. else `init_from` (an HF T5 directory or another ift_jax workdir);
+    3. else from scratch with the seed.
+    """
+    latest = ckpt.latest_step()
+    init = model_setup.initialize(setup, mesh, restoring=latest is not None)
+    if latest is not None:
+        init.state = restore(ckpt, latest, setup, init.state)
+        logging.info("start-up: resumed from %s step %d", ckpt.directory, latest)
+        return init, latest
+    if setup.config.init_from:
+        logging.info("start-up: initialized from %s", setup.config.init_from)
+    else:
+        logging.info("start-up: from scratch (no checkpoint in the workdir, no init_from)")
+    return init, 0
+
+
+# ----------------------------------------------------------------------------
+# Meshes for reading runs back.
+
+
+def _one_device_mesh() -> jax.sharding.Mesh:
+    return partitioning.make_mesh([1, 1, 1], jax.local_devices()[:1])
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`"1,4,2"` or `"data=1,fsdp=4,tensor=2"` -> mesh axis sizes.
+
+    Raises:
+      ValueError: the text is neither form.
+    """
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if all("=" in p for p in parts):
+            sizes = {k.strip(): int(v) for k, v in (p.split("=", 1) for p in parts)}
+        else:
+            sizes = dict(zip(partitioning.MESH_AXES, (int(p) for p in parts)))
+            if len(parts) != len(partitioning.MESH_AXES):
+                raise ValueError
+    except ValueError:
+        raise ValueError(f"--mesh={text!r}: give three sizes data,fsdp,tensor (e.g. 1,4,2; "
+                         f"-1 fills with the remaining devices) or data=1,fsdp=-1,tensor=2"
+                         ) from None
+    return sizes
+
+
+def run_mesh(mesh_config: Any, override: Optional[dict[str, int]] = None,
+             devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+    """The mesh to read a run on: `override`, else the run's configured mesh, over
+    `devices` (default: every device of this job, i.e. the local ones on one host).
+    An override of fewer devices than there are uses the first ones.
+
+    A configured mesh sized for another topology (say fsdp=32 from a pod) falls
+    back to fsdp over all devices, keeping the tensor size where it divides.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if override:
+        wanted = math.prod(override.get(a, 1) for a in partitioning.MESH_AXES)
+        if wanted > 0 and wanted < len(devices):  # e.g. 1,1,1: evaluate on one device.
+            devices = devices[:wanted]
+        return partitioning.make_mesh(override, devices)
+    sizes = {k: int(v) for k, v in dict(mesh_config or {}).items()}
+    try:
+        return partitioning.make_mesh(sizes, devices)
+    except ValueError:
+        tensor = sizes.get("tensor", 1)
+        tensor = tensor if tensor > 0 and len(devices) % tensor == 0 else 1
+        fallback = {"data": 1, "fsdp": -1, "tensor": tensor}
+        logging.info("mesh %s does not fit %d devices; using %s", sizes, len(devices),
+                     fallback)
+        return partitioning.make_mesh(fallback, devices)
+
+
+# ----------------------------------------------------------------------------
+# A run read back.
+
+
+class Run:
+    """A run's config, setup and checkpoints, read on a mesh.
+
+    Build with `Run.open(workdir)` (the run's own config) or
+    `Run.from_config(config, workdir)` (a config not written to a workdir,
+    e.g. `ift-jax eval --init_from=HF_DIR`). The setup and the frozen params
+    are built once: reading several steps reloads only the checkpoint.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Optional[str],
+                 mesh: jax.sharding.Mesh, setup: Optional[model_setup.Setup] = None):
+        self.config, self.workdir, self.mesh = config, workdir, mesh
+        self.setup = setup or build_setup(config)
+        self._ckpt = (checkpointing.Checkpointer(workdir, read_only=True)
+                      if workdir and fileio.isdir(os.path.join(workdir, "checkpoints"))
+                      else None)
+        self._initialized: dict[bool, model_setup.Initialized] = {}
+
+    @classmethod
+    def open(cls, workdir: str, mesh: Optional[jax.sharding.Mesh] = None,
+             mesh_override: Optional[dict[str, int]] = None) -> "Run":
+        config = read_config(workdir)
+        return cls(config, workdir, mesh or run_mesh(config.get("mesh"), mesh_override))
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, workdir: Optional[str] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None) -> "Run":
+        return cls(config, workdir, mesh or run_mesh(config.get("mesh")))
+
+    def steps(self) -> list[int]:
+        """Checkpoint steps, oldest first."""
+        return self._ckpt.all_steps() if self._ckpt else []
+
+    def _init(self, restoring: bool) -> model_setup.Initialized:
+        if restoring not in self._initialized:
+            self._initialized[restoring] = model_setup.initialize(self.setup, self.mesh,
+                                                                  restoring=restoring)
+        return self._initialized[restoring]
+
+    def params(self, step: Optional[int] = None) -> tuple[dict, int]:
+        """(full params on the mesh, step) of checkpoint `step` (default: the latest).
+
+        Step 0 is the run's starting model (its `init_from`, or the seeded
+        initialization); it needs no checkpoint.
+
+        Raises:
+          FileNotFoundError: the run has no checkpoints (and step 0 was not asked).
+          ValueError: no checkpoint `step`.
+        """
+        steps = self.steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"{self.workdir} has no checkpoints")
+            step = steps[-1]
+        if step == 0:
+            init = self._init(restoring=False)
+            return peft.merge_params(init.state.params, init.frozen), 0
+        if step not in steps:
+            raise ValueError(f"{self.workdir} has no checkpoint {step}; steps: {steps}")
+        init = self._init(restoring=True)
+        state = restore(self._ckpt, step, self.setup, init.state)
+        return peft.merge_params(state.params, init.frozen), step
+
+    def close(self) -> None:
+        if self._ckpt is not None:
+            self._ckpt.close()
+            self._ckpt = None
+
+
+def plain_params(setup: model_setup.Setup, params: dict) -> dict:
+    """Params of a plain `t5.Transformer(setup.t5_config)`: LoRA merged into the
+    kernels (QLoRA dequantized first). Prompt-tuned runs have no plain form.
+
+    Raises:
+      ValueError: a prompt-tuned run.
+    """
+    if setup.method == "prompt":
+        raise ValueError("a prompt-tuned run has no plain model form: its prompt is an "
+                         "input, not a weight; use the run itself (ift-jax predict/eval)")
+    if setup.method in ("lora", "qlora"):
+        cfg = model_setup.lora_config(setup.config.peft, quantize=setup.method == "qlora")
+        return peft.merge_lora(params, cfg)
+    return params
+
+
+def host_params(params: Any) -> Any:
+    """Every leaf as a host numpy array, gathered from all its shards (on every host
+    of a multi-host job: each must call this)."""
+    def gather(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(gather, params)
