@@ -69,7 +69,10 @@ def get_config(arg=None):
     c.eval.metrics = ""  # Metric names replacing the tasks' own; empty = the tasks'.
     c.eval.split = "validation"
     c.eval.max_examples = 64  # Per task; 0 = the whole split.
-    c.eval.batch_size = 32
+    c.eval.batch_size = 32  # Global rows per batch (rounded up to the data x fsdp shards).
+    # Inputs are padded to the shortest of this many lengths that fits (inputs_length
+    # halved k times), not always to inputs_length; each length compiles once.
+    c.eval.length_buckets = 4
     c.eval.max_decode_length = 64
     c.eval.num_beams = 1  # 1 = greedy; >1 = beam search (HF's length penalty).
     c.eval.length_penalty = 1.0

@@ -116,24 +116,83 @@ def _shots(text: str) -> list[int]:
         raise ValueError(f"--incontext={text!r}: give shot counts like 0,1,3") from None
 
 
+def _mesh(args: argparse.Namespace):
+    from ift_jax import runs
+    return runs.parse_mesh(args.mesh) if getattr(args, "mesh", None) else None
+
+
 def _eval(args: argparse.Namespace) -> int:
     _quiet_logging()
-    from ift_jax import evaluation
+    from ift_jax import distributed, evaluator
+    distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
     shots = _shots(args.incontext) if args.incontext is not None else None
-    done = evaluation.evaluate_checkpoints(args.workdir, args.checkpoints, shots)
-    print(f"evaluated steps: {done or 'none (all evaluated already)'}; tables in "
-          f"{args.workdir}/report/")
-    return 0
+    if args.init_from:
+        config = _eval_only_config(args)
+        results = evaluator.evaluate_model(config, args.workdir, _mesh(args))
+        print(f"evaluated {args.init_from} on {len(results)} tasks as step 0 of "
+              f"{args.workdir}; tables in {args.workdir}/report/")
+        return 0
+    if args.suites is not None or args.config:
+        raise ValueError("--suites and --config go with --init_from (a model without a "
+                         "run); a run is evaluated with the eval settings of its own "
+                         "config.json")
+    outcome = evaluator.evaluate_checkpoints(args.workdir, args.checkpoints, shots, _mesh(args))
+    print(f"{outcome.summary()}; tables in {args.workdir}/report/")
+    return 0 if not outcome.unreadable else 1
+
+
+def _eval_only_config(args: argparse.Namespace):
+    """The config of `ift-jax eval --init_from=DIR`: `--config` (default: the embedded
+    default) with `init_from`, the benchmark suites or tasks, and no training mixture."""
+    import importlib.util
+    path = args.config or default_config_path()
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_ift_jax_eval_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    config.init_from = args.init_from
+    config.data.vocab = args.vocab or ""
+    config.data.mixture = ""
+    config.eval.tasks = args.tasks or ""
+    config.eval.suites = args.suites or ""
+    if args.incontext:
+        config.eval.incontext_shots = args.incontext
+    if args.max_examples is not None:
+        config.eval.max_examples = args.max_examples
+    return config
 
 
 def _add_eval_parser(sub) -> None:
-    parser = sub.add_parser("eval", help="decode and score a run's checkpoints "
-                            "(skips those already evaluated)")
+    parser = sub.add_parser(
+        "eval", help="decode and score a run's checkpoints (skips those already "
+        "evaluated), or an HF model with --init_from",
+        description="Evaluate a run's checkpoints on the run's configured mesh over this "
+        "job's devices, or (with --init_from) a model with no training run, written as "
+        "step 0 of --workdir.")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--checkpoints", default="all", help="all | latest | STEP")
     parser.add_argument("--incontext", default=None, metavar="K,K,...",
                         help="also evaluate the untuned starting model with K train "
                              "exemplars per input, e.g. 0,1,3 (default: eval.incontext_shots)")
+    parser.add_argument("--mesh", default=None, metavar="D,F,T",
+                        help="mesh data,fsdp,tensor sizes to evaluate on, e.g. 1,4,2 "
+                             "(default: the run's mesh over this job's devices)")
+    parser.add_argument("--init_from", default=None, metavar="DIR",
+                        help="evaluate this model (an HF T5 directory or an ift_jax "
+                             "workdir) instead of a run's checkpoints")
+    parser.add_argument("--suites", default=None, metavar="S,S,...",
+                        help="with --init_from: benchmark suites, e.g. mmlu_5shot,bbh_direct")
+    parser.add_argument("--tasks", default=None, metavar="T,T,...",
+                        help="with --init_from: tasks or mixtures to evaluate")
+    parser.add_argument("--config", default=None,
+                        help="with --init_from: config file for the eval settings "
+                             "(default: configs/default.py)")
+    parser.add_argument("--vocab", default=None,
+                        help="with --init_from: vocabulary (default: the model's "
+                             "spiece.model)")
+    parser.add_argument("--max_examples", type=int, default=None,
+                        help="with --init_from: examples per task (0 = all)")
     parser.set_defaults(run=_eval)
 
 
@@ -148,10 +207,11 @@ def _report(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     _quiet_logging()
     import json
-    from ift_jax import evaluation
-    rows = evaluation.predict_rows(args.workdir, evaluation.read_inputs(args.input), args.step,
-                                   num_beams=args.num_beams,
-                                   max_decode_length=args.max_decode_length)
+    from ift_jax import distributed, evaluator
+    distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
+    rows = evaluator.predict_rows(args.workdir, evaluator.read_inputs(args.input), args.step,
+                                  num_beams=args.num_beams,
+                                  max_decode_length=args.max_decode_length, mesh=_mesh(args))
     lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -175,13 +235,17 @@ def _add_report_and_predict_parsers(sub) -> None:
     parser.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
     parser.add_argument("--num_beams", type=int, default=None, help="default: eval.num_beams")
     parser.add_argument("--max_decode_length", type=int, default=None)
+    parser.add_argument("--mesh", default=None, metavar="D,F,T",
+                        help="mesh data,fsdp,tensor sizes (default: the run's mesh over "
+                             "this host's devices)")
     parser.set_defaults(run=_predict)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ift_jax import export
+    from ift_jax import distributed, export
+    distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
     run = export.export_hf if args.format == "hf" else export.export_peft
-    print(run(args.workdir, args.output, args.step))
+    print(run(args.workdir, args.output, args.step, _mesh(args)))
     return 0
 
 
@@ -192,6 +256,9 @@ def _add_export_parser(sub) -> None:
     parser.add_argument("--format", choices=("hf", "peft"), required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
+    parser.add_argument("--mesh", default=None, metavar="D,F,T",
+                        help="mesh data,fsdp,tensor sizes to read the run on (default: the "
+                             "run's mesh over this host's devices)")
     parser.set_defaults(run=_export)
 
 
@@ -353,7 +420,7 @@ def _sweep(argv: Sequence[str]) -> int:
     extra = [a for a in argv if a.startswith("--config.")]
     failed = sweeps.run(specs[0], roots[0], extra, dry_run,
                         validate=lambda point_argv: _parse_config_flags("train", point_argv),
-                        in_process=in_process)
+                        in_process=main if in_process else None)
     if failed:
         print(f"ift-jax sweep: {failed} point(s) failed; see {roots[0]}/sweep_summary.md",
               file=sys.stderr)

@@ -226,6 +226,35 @@ def score_targets(model: nn.Module, params: PyTree, encoder_input_tokens: Array,
             jnp.sum(weights, axis=-1))
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def score_choices(model: nn.Module, params: PyTree, encoder_input_tokens: Array,
+                  choices_BxCxT: Array) -> Array:
+    """Summed log-likelihood of each answer choice, `[batch, choices]`.
+
+    Each input is encoded once; its C choices are teacher-forced against that
+    encoding (the encoder output repeated C times), so rank classification
+    costs one encoder pass per input, not one per choice. A choice row of
+    zeros (padding) scores 0.
+
+    Args:
+      encoder_input_tokens: `[batch, inputs_length]`, padded with 0.
+      choices_BxCxT: `[batch, choices, targets_length]`, each EOS-terminated,
+        padded with 0.
+    """
+    batch, num, length = choices_BxCxT.shape
+    encoded = _encode(model, params, encoder_input_tokens)
+    encoded_rep = jnp.repeat(encoded, num, axis=0)
+    tokens_rep = jnp.repeat(encoder_input_tokens, num, axis=0)
+    targets = choices_BxCxT.reshape(batch * num, length)
+    decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))  # Start token 0 first.
+    logits = model.apply({"params": params}, encoded_rep, tokens_rep, decoder_inputs, targets,
+                         method="decode").astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    summed = jnp.sum(target_log_probs * (targets > 0), axis=-1)
+    return summed.reshape(batch, num)
+
+
 # ----------------------------------------------------------------------------
 # Beam search (HF's algorithm, see the module docstring).
 

@@ -23,17 +23,26 @@ the untuned model with k exemplars):
   (+ `guard_tasks`, and `shots` for in-context points). It is written last:
   its presence means the point is done.
 
-How predictions are made (greedy, beam, a LoRA or prompt-tuned model) is the
-caller's `predict_fn` / `score_fn`, so the core of this module needs no model.
+How predictions are made (greedy, beam, a LoRA or prompt-tuned model, on one
+device or a pod) is the caller's `Predictor` (`ift_jax.inference.Inference`
+runs a model on a mesh), so this module needs no model. A plain per-batch
+`predict_fn` (and `score_fn`) also works: `FunctionPredictor` batches for it.
+
+Beyond the tasks' metrics, every evaluation point records two of HELM's
+columns where the rows allow: `calibration_ece` (expected calibration error
+of the rank-classification probabilities, softmax over the choices'
+log-likelihoods) per task, and `robustness` (a multi-template task's primary
+metric per template, with the spread across templates, as FLAN and T0
+report). Files are written by process 0 only (`write_files`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
-from typing import Callable, Iterator, Optional, Sequence
+import statistics
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import seqio
@@ -49,6 +58,29 @@ ScoreFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.nd
 # Row keys of teacher-forced scoring.
 _SCORED = ("target_log_likelihood", "target_correct", "target_tokens")
 
+# The metric robustness is reported on: the first of these a task has.
+_ROBUSTNESS_METRICS = ("rank_accuracy", "accuracy", "exact_match", "span_f1", "rougeL", "bleu")
+
+
+class Predictor(Protocol):
+    """What evaluation needs of a model: generate, score targets, score choices.
+
+    Rows are token id lists (inputs as the task tokenized them, targets
+    EOS-terminated), unpadded; results come back one per row, in order.
+    """
+
+    def generate(self, inputs: Sequence[Sequence[int]], max_decode_length: int
+                 ) -> list[np.ndarray]: ...
+
+    def score(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+              ) -> Optional[np.ndarray]:
+        """`[rows, 3]` (log-likelihood, argmax hits, tokens), or None: not scored."""
+
+    def score_choices(self, inputs: Sequence[Sequence[int]],
+                      choices: Sequence[Sequence[Sequence[int]]]
+                      ) -> Optional[list[np.ndarray]]:
+        """Per input, the log-likelihood of each choice, or None: not scored."""
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
@@ -56,17 +88,20 @@ class EvalSpec:
 
     `metrics` names metrics of `ift_jax.metrics.METRICS` to use instead of each
     task's own; `guard_tasks` are the tasks among `tasks` held out of training
-    (forgetting is measured on them).
+    (forgetting is measured on them); `suite` names the benchmark suite the
+    tasks belong to (its aggregates go into the eval JSON's `suites`).
     """
 
     tasks: tuple[str, ...]
     split: str = "validation"
     inputs_length: int = 512
-    batch_size: int = 32
+    batch_size: int = 32  # Rows per batch of a `FunctionPredictor`.
     max_examples: Optional[int] = None
     targets_length: int = 128
     metrics: tuple[str, ...] = ()
     guard_tasks: tuple[str, ...] = ()
+    max_decode_length: int = 128
+    suite: str = ""  # The benchmark suite these tasks make up, if any.
 
     def __post_init__(self):
         for name in self.metrics:
@@ -119,49 +154,87 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _score_rows(inputs: list, targets: list, score_fn: ScoreFn, spec: EvalSpec
-                ) -> list[tuple[float, float, float]]:
-    """score_fn over (inputs, targets) pairs, batched; one (ll, correct, tokens) per pair."""
-    out = []
-    batches = zip(_padded(inputs, spec.batch_size, spec.inputs_length),
-                  _padded(targets, spec.batch_size, spec.targets_length))
-    for enc, dec in batches:
-        ll, correct, tokens = (np.asarray(x, np.float64) for x in score_fn(enc, dec))
-        out.extend(zip(ll.tolist(), correct.tolist(), tokens.tolist()))
-    return out[:len(inputs)]
+class FunctionPredictor:
+    """A `Predictor` over per-batch functions: `predict_fn([batch, inputs_length])
+    -> tokens` and, optionally, `score_fn(inputs, targets) -> (ll, correct, tokens)`
+    per row (choices are scored as one (input, choice) pair each)."""
+
+    def __init__(self, predict_fn: PredictFn, score_fn: Optional[ScoreFn], spec: EvalSpec):
+        self.predict_fn, self.score_fn, self.spec = predict_fn, score_fn, spec
+
+    def generate(self, inputs, max_decode_length):
+        outputs: list[np.ndarray] = []
+        for batch in _padded(inputs, self.spec.batch_size, self.spec.inputs_length):
+            outputs.extend(np.asarray(self.predict_fn(batch)))
+        return outputs[:len(inputs)]
+
+    def score(self, inputs, targets):
+        if self.score_fn is None:
+            return None
+        out = []
+        batches = zip(_padded(inputs, self.spec.batch_size, self.spec.inputs_length),
+                      _padded(targets, self.spec.batch_size, self.spec.targets_length))
+        for enc, dec in batches:
+            out.append(np.stack([np.asarray(x, np.float64) for x in self.score_fn(enc, dec)],
+                                axis=1))
+        return np.concatenate(out)[:len(inputs)]
+
+    def score_choices(self, inputs, choices):
+        if self.score_fn is None:
+            return None
+        pairs = [(i, c) for i, cs in enumerate(choices) for c in cs]
+        scored = self.score([inputs[i] for i, _ in pairs], [c for _, c in pairs])
+        out = [np.zeros((len(cs),)) for cs in choices]
+        position = [0] * len(choices)
+        for (i, _), (ll, _, _) in zip(pairs, scored):
+            out[i][position[i]] = ll
+            position[i] += 1
+        return out
 
 
-def _rank_choices(rows: list[dict], examples: list[dict], score_fn: ScoreFn,
+def _as_predictor(predictor, spec: EvalSpec, score_fn: Optional[ScoreFn]) -> Predictor:
+    if hasattr(predictor, "generate"):
+        return predictor
+    return FunctionPredictor(predictor, score_fn, spec)
+
+
+def _rank_choices(rows: list[dict], examples: list[dict], predictor: Predictor,
                   vocabulary: seqio.Vocabulary, spec: EvalSpec) -> None:
-    """Adds `choices` and `choice_prediction` (highest log-likelihood) to rows with choices."""
-    pairs = []
+    """Adds `choices`, `choice_log_likelihoods` and `choice_prediction` (the
+    likeliest; ties keep the first) to rows whose examples have answer choices."""
+    indices, inputs, choices = [], [], []
     for index, example in enumerate(examples):
-        for choice in json.loads(_text(example.get("choices", b"[]"))):
-            pairs.append((index, choice))
-    if not pairs:
+        texts = json.loads(_text(example.get("choices", b"[]")))
+        if texts:
+            indices.append(index)
+            inputs.append(example["inputs"])
+            choices.append([_with_eos(vocabulary.encode(c), spec.targets_length,
+                                      vocabulary.eos_id) for c in texts])
+            rows[index]["choices"] = texts
+    if not indices:
         return
-    scores = _score_rows(
-        [examples[i]["inputs"] for i, _ in pairs],
-        [_with_eos(vocabulary.encode(c), spec.targets_length, vocabulary.eos_id)
-         for _, c in pairs], score_fn, spec)
-    best: dict[int, tuple[float, str]] = {}
-    for (index, choice), (ll, _, _) in zip(pairs, scores):
-        rows[index].setdefault("choices", []).append(choice)
-        if index not in best or ll > best[index][0]:  # Ties keep the first choice.
-            best[index] = (ll, choice)
-    for index, (_, choice) in best.items():
-        rows[index]["choice_prediction"] = choice
+    scores = predictor.score_choices(inputs, choices)
+    if scores is None:
+        for index in indices:
+            del rows[index]["choices"]
+        return
+    for index, lls in zip(indices, scores):
+        lls = [float(x) for x in lls]
+        rows[index]["choice_log_likelihoods"] = lls
+        rows[index]["choice_prediction"] = rows[index]["choices"][int(np.argmax(lls))]
 
 
-def evaluate_task(task: seqio.Task, predict_fn: PredictFn, spec: EvalSpec,
+def evaluate_task(task: seqio.Task, predictor, spec: EvalSpec,
                   score_fn: Optional[ScoreFn] = None) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, prediction rows) of one task; see the module docstring."""
+    """(metrics, prediction rows) of one task; see the module docstring.
+
+    Args:
+      predictor: a `Predictor`, or a per-batch `predict_fn` (with `score_fn`).
+    """
+    predictor = _as_predictor(predictor, spec, score_fn)
     vocabulary = task.output_features["targets"].vocabulary
     examples = _examples(task, spec)
-    outputs: list[np.ndarray] = []
-    for batch in _padded([e["inputs"] for e in examples], spec.batch_size,
-                         spec.inputs_length):
-        outputs.extend(np.asarray(predict_fn(batch)))
+    outputs = predictor.generate([e["inputs"] for e in examples], spec.max_decode_length)
     rows = []
     for example, output in zip(examples, outputs):
         text, bad = decode_tokens(vocabulary, output)
@@ -175,14 +248,16 @@ def evaluate_task(task: seqio.Task, predict_fn: PredictFn, spec: EvalSpec,
             row["invalid_utf8"] = True
         if int(_text(example.get("shots", b"0"))):
             row["shots"] = int(_text(example["shots"]))
+        if _text(example.get("template", b"")):
+            row["template"] = _text(example["template"])
         rows.append(row)
-    if score_fn is not None:
-        targets = [_with_eos(e["targets"], spec.targets_length, vocabulary.eos_id)
-                   for e in examples]
-        scored = _score_rows([e["inputs"] for e in examples], targets, score_fn, spec)
-        for row, values in zip(rows, scored):
+    targets = [_with_eos(e["targets"], spec.targets_length, vocabulary.eos_id)
+               for e in examples]
+    scored = predictor.score([e["inputs"] for e in examples], targets)
+    if scored is not None:
+        for row, values in zip(rows, scored.tolist()):
             row.update(zip(_SCORED, values))
-        _rank_choices(rows, examples, score_fn, vocabulary, spec)
+    _rank_choices(rows, examples, predictor, vocabulary, spec)
     return score(task, rows, spec.metrics), rows
 
 
@@ -203,6 +278,9 @@ def score(task: seqio.Task, rows: Sequence[dict], metric_names: Sequence[str] = 
         results["rank_accuracy"] = metrics_lib.accuracy(
             [r["references"] for r in ranked],
             [r["choice_prediction"] for r in ranked])["accuracy"]
+        calibrated = [r for r in ranked if "choice_log_likelihoods" in r]
+        if calibrated:
+            results["calibration_ece"] = calibration_error(calibrated)
     if rows and all(_SCORED[0] in r for r in rows):
         tokens = max(sum(r["target_tokens"] for r in rows), 1.0)
         results["loss"] = -sum(r["target_log_likelihood"] for r in rows) / tokens
@@ -232,51 +310,148 @@ def _write_point(workdir: str, point: str, payload: dict, rows: dict[str, list[d
 
 
 def write_step(workdir: str, step: int, results: dict[str, dict[str, float]],
-               rows: dict[str, list[dict]], guard_tasks: Sequence[str] = ()) -> str:
-    """Writes `eval/step_<N>.json` and the predictions files; returns the JSON path."""
-    payload = {"step": step, "tasks": results}
+               rows: dict[str, list[dict]], guard_tasks: Sequence[str] = (),
+               extra: Optional[dict] = None) -> str:
+    """Writes `eval/step_<N>.json` and the predictions files; returns the JSON path.
+
+    `extra` adds sections beside `tasks` (`suites`, `robustness`)."""
+    payload = {"step": step, "tasks": results, **(extra or {})}
     if guard_tasks:
         payload["guard_tasks"] = list(guard_tasks)
     return _write_point(workdir, f"step_{step}", payload, rows)
 
 
-def _evaluate_tasks(tasks: dict[str, seqio.Task], predict_fn: PredictFn, spec: EvalSpec,
-                    score_fn: Optional[ScoreFn]) -> tuple[dict, dict]:
-    results, rows = {}, {}
-    for name, task in tasks.items():
-        results[name], rows[name] = evaluate_task(task, predict_fn, spec, score_fn)
-        invalid = results[name].get("invalid_utf8_predictions")
-        if invalid:
-            logging.warning("%s: %d predictions were not valid UTF-8 (replaced)", name,
-                            int(invalid))
-    return results, rows
+def calibration_error(rows: Sequence[dict], num_bins: int = 10) -> float:
+    """Expected calibration error (in %) of rank classification: each row's confidence
+    is the softmax over its choices' log-likelihoods at the chosen choice, and it is
+    correct when that choice is a reference."""
+    confidences, correct = [], []
+    for row in rows:
+        lls = np.asarray(row["choice_log_likelihoods"], np.float64)
+        probs = np.exp(lls - lls.max())
+        probs /= probs.sum()
+        confidences.append(float(probs.max()))
+        correct.append(row["choice_prediction"] in row["references"])
+    return 100.0 * metrics_lib.expected_calibration_error(confidences, correct, num_bins)
 
 
-def evaluate(workdir: str, step: int, predict_fn: PredictFn, spec: EvalSpec,
-             score_fn: Optional[ScoreFn] = None) -> dict[str, dict[str, float]]:
-    """Evaluates every task of `spec` at `step` and writes the results."""
-    tasks = {name: seqio.get_mixture_or_task(name) for name in spec.tasks}
-    results, rows = _evaluate_tasks(tasks, predict_fn, spec, score_fn)
-    write_step(workdir, step, results, rows, spec.guard_tasks)
-    return results
+def robustness(task: seqio.Task, rows: Sequence[dict], metric_names: Sequence[str] = ()
+               ) -> Optional[dict]:
+    """A multi-template task's primary metric per instruction template, and the
+    spread (max - min) and standard deviation across templates; None when the
+    rows used fewer than two templates."""
+    by_template: dict[str, list[dict]] = {}
+    for row in rows:
+        if "template" in row:
+            by_template.setdefault(row["template"], []).append(row)
+    if len(by_template) < 2:
+        return None
+    per_template = {name: score(task, group, metric_names)
+                    for name, group in sorted(by_template.items())}
+    available = set.intersection(*(set(m) for m in per_template.values()))
+    metric = next((m for m in _ROBUSTNESS_METRICS if m in available), None)
+    if metric is None:
+        return None
+    values = {name: m[metric] for name, m in per_template.items()}
+    return {"metric": metric, "per_template": values,
+            "examples": {name: len(group) for name, group in sorted(by_template.items())},
+            "spread": max(values.values()) - min(values.values()),
+            "std": statistics.pstdev(values.values())}
 
 
-def evaluate_incontext(workdir: str, shots: int, predict_fn: PredictFn, spec: EvalSpec,
-                       score_fn: Optional[ScoreFn] = None) -> dict[str, dict[str, float]]:
+@dataclasses.dataclass
+class PointResult:
+    """One evaluation point: per-task metrics and rows, robustness, suite aggregates."""
+
+    tasks: dict[str, dict[str, float]]
+    rows: dict[str, list[dict]]
+    robustness: dict[str, dict]
+    suites: dict[str, dict[str, float]]
+
+    def extra(self) -> dict:
+        out = {}
+        if self.robustness:
+            out["robustness"] = self.robustness
+        if self.suites:
+            out["suites"] = self.suites
+        return out
+
+
+Aggregate = Callable[[str, dict[str, dict[str, float]]], dict[str, float]]
+
+
+def _evaluate_specs(specs: Sequence[EvalSpec], predictor, score_fn: Optional[ScoreFn],
+                    task_of: Callable[[str], seqio.Task], aggregate: Optional[Aggregate],
+                    progress: Optional[Callable[[str], None]] = None) -> PointResult:
+    result = PointResult({}, {}, {}, {})
+    for spec in specs:
+        model = _as_predictor(predictor, spec, score_fn)
+        for name in spec.tasks:
+            if progress:
+                progress(name)
+            task = task_of(name)
+            result.tasks[name], result.rows[name] = evaluate_task(task, model, spec)
+            spread = robustness(task, result.rows[name], spec.metrics)
+            if spread:
+                result.robustness[name] = spread
+        if spec.suite and aggregate:
+            result.suites[spec.suite] = aggregate(
+                spec.suite, {t: result.tasks[t] for t in spec.tasks})
+    return result
+
+
+def _specs(spec: EvalSpec | Sequence[EvalSpec]) -> list[EvalSpec]:
+    return [spec] if isinstance(spec, EvalSpec) else list(spec)
+
+
+def _guards(specs: Sequence[EvalSpec]) -> list[str]:
+    return [t for spec in specs for t in spec.guard_tasks]
+
+
+def evaluate(workdir: str, step: int, predictor, spec: EvalSpec | Sequence[EvalSpec],
+             score_fn: Optional[ScoreFn] = None, *, aggregate: Optional[Aggregate] = None,
+             write_files: bool = True, progress: Optional[Callable[[str], None]] = None
+             ) -> PointResult:
+    """Evaluates every task of `spec` (one spec or several, e.g. the run's tasks and
+    each benchmark suite) at `step` and writes the results.
+
+    Args:
+      predictor: a `Predictor`, or a per-batch `predict_fn` (with `score_fn`).
+      aggregate: `(suite, per-task metrics) -> aggregates` for specs with a suite.
+      write_files: False on every process but the one that writes (multi-host).
+      progress: called with each task's name before it is evaluated.
+    """
+    specs = _specs(spec)
+    result = _evaluate_specs(specs, predictor, score_fn, seqio.get_mixture_or_task,
+                             aggregate, progress)
+    if write_files:
+        write_step(workdir, step, result.tasks, result.rows, _guards(specs), result.extra())
+    return result
+
+
+def evaluate_incontext(workdir: str, shots: int, predictor,
+                       spec: EvalSpec | Sequence[EvalSpec],
+                       score_fn: Optional[ScoreFn] = None, *, write_files: bool = True,
+                       progress: Optional[Callable[[str], None]] = None) -> PointResult:
     """The tasks of `spec` with `shots` train exemplars in each input (dropped from
     the end until the input fits `spec.inputs_length`), written as
-    `eval/incontext_<k>shot.json` with the mean number of exemplars used."""
+    `eval/incontext_<k>shot.json` with the mean number of exemplars used.
+    Benchmark suites (specs with a `suite`) bring their own shots and are left out."""
     from ift_jax.data import instructions
-    tasks = {name: instructions.with_shots(name, shots, spec.inputs_length)
-             for name in spec.tasks}
-    results, rows = _evaluate_tasks(tasks, predict_fn, spec, score_fn)
+    specs = [s for s in _specs(spec) if not s.suite]
+    lengths = {name: s.inputs_length for s in specs for name in s.tasks}
+    result = _evaluate_specs(
+        specs, predictor, score_fn,
+        lambda name: instructions.with_shots(name, shots, lengths[name]), None, progress)
     used = {name: sum(r.get("shots", 0) for r in task_rows) / len(task_rows)
-            for name, task_rows in rows.items()}
-    payload = {"step": 0, "shots": shots, "tasks": results, "shots_used": used}
-    if spec.guard_tasks:
-        payload["guard_tasks"] = list(spec.guard_tasks)
-    _write_point(workdir, f"incontext_{shots}shot", payload, rows)
-    return results
+            for name, task_rows in result.rows.items()}
+    payload = {"step": 0, "shots": shots, "tasks": result.tasks, "shots_used": used,
+               **result.extra()}
+    if _guards(specs):
+        payload["guard_tasks"] = _guards(specs)
+    if write_files:
+        _write_point(workdir, f"incontext_{shots}shot", payload, result.rows)
+    return result
 
 
 def finished_steps(workdir: str) -> list[int]:
@@ -301,207 +476,5 @@ def recompute(workdir: str, step: int, task_name: str, metric_names: Sequence[st
     return score(task, rows, metric_names)
 
 
-# ----------------------------------------------------------------------------
-# Runs: evaluation during training and `ift-jax eval` over saved checkpoints.
-
-
 def _names(text: str) -> list[str]:
     return [t.strip() for t in str(text or "").split(",") if t.strip()]
-
-
-def _task_names(names: Sequence[str]) -> list[str]:
-    """Task names with mixtures expanded into their tasks (order kept, no repeats)."""
-    from ift_jax.data.inspection import tasks_of
-    out: list[str] = []
-    for name in names:
-        out.extend(t.name for t in tasks_of(name) if t.name not in out)
-    return out
-
-
-def spec_from_config(config) -> EvalSpec:
-    """`EvalSpec` from a run config (`config.eval`, `config.data`): the eval tasks
-    (default: those of `data.mixture`) followed by the guard tasks."""
-    e = config.eval
-    tasks = _task_names(_names(e.tasks) or [config.data.mixture])
-    guards = [t for t in _task_names(_names(e.get("guard_tasks", ""))) if t not in tasks]
-    return EvalSpec(tuple(tasks + guards), e.split, config.data.inputs_length,
-                    e.batch_size, e.max_examples or None, config.data.targets_length,
-                    tuple(_names(e.get("metrics", ""))), tuple(guards))
-
-
-def greedy_predict_fn(model, params, max_decode_length: int, num_beams: int = 1,
-                      length_penalty: float = 1.0) -> PredictFn:
-    """`predict_fn` decoding with `model` (greedy, or beam search when `num_beams` > 1;
-    build the model once: jit caches on it)."""
-    from ift_jax import decoding
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        if num_beams > 1:
-            tokens, _ = decoding.beam_search(model, params, batch, num_beams=num_beams,
-                                             max_decode_length=max_decode_length,
-                                             length_penalty=length_penalty)
-        else:
-            tokens, _ = decoding.greedy(model, params, batch,
-                                        max_decode_length=max_decode_length)
-        return np.asarray(tokens)
-    return predict
-
-
-def model_score_fn(model, params) -> ScoreFn:
-    """`score_fn`: teacher-forced log-likelihoods under `model` (`decoding.score_targets`)."""
-    from ift_jax import decoding
-
-    def score_targets(inputs: np.ndarray, targets: np.ndarray):
-        return decoding.score_targets(model, params, inputs, targets)
-    return score_targets
-
-
-class RunEvaluator:
-    """Evaluates one run's model at evaluation points: `step(N, params)` and
-    `incontext(k, params)`, with the run's spec, decoding settings and workdir."""
-
-    def __init__(self, config, model, workdir: str):
-        self.config, self.model, self.workdir = config, model, workdir
-        self.spec = spec_from_config(config)
-
-    def _fns(self, params) -> tuple[PredictFn, ScoreFn]:
-        e = self.config.eval
-        return (greedy_predict_fn(self.model, params, e.max_decode_length,
-                                  e.get("num_beams", 1), e.get("length_penalty", 1.0)),
-                model_score_fn(self.model, params))
-
-    def step(self, step: int, params) -> dict[str, dict[str, float]]:
-        predict, score_targets = self._fns(params)
-        results = evaluate(self.workdir, step, predict, self.spec, score_targets)
-        self._log(f"eval step {step}", results)
-        if self.spec.guard_tasks and step:
-            from ift_jax import report
-            print(report.forgetting_summary(self.workdir), flush=True)
-        return results
-
-    def incontext(self, shots: int, params) -> dict[str, dict[str, float]]:
-        predict, score_targets = self._fns(params)
-        results = evaluate_incontext(self.workdir, shots, predict, self.spec, score_targets)
-        self._log(f"eval {shots}-shot (untuned)", results)
-        return results
-
-    @staticmethod
-    def _log(title: str, results: dict) -> None:
-        shown = ("rouge1", "rougeL", "accuracy", "rank_accuracy", "exact_match", "bleu",
-                 "span_f1", "loss")
-        print(f"{title}: " + "  ".join(f"{task} {k}={v:.2f}" for task, m in results.items()
-                                       for k, v in m.items() if k in shown), flush=True)
-
-
-def pending_incontext(config, workdir: str) -> list[int]:
-    """The shot counts of `eval.incontext_shots` not evaluated yet in `workdir`."""
-    return [int(k) for k in _names(config.eval.get("incontext_shots", ""))
-            if not fileio.exists(os.path.join(workdir, "eval", f"incontext_{int(k)}shot.json"))]
-
-
-def evaluate_checkpoints(workdir: str, which: str = "all",
-                         incontext: Optional[Sequence[int]] = None) -> list[int]:
-    """Evaluates the run's checkpoints not evaluated yet; returns the steps done now.
-
-    Step 0 (the starting model) counts as a checkpoint when `eval.at_start` is
-    set. A checkpoint that cannot be read is skipped with a warning naming it.
-
-    Args:
-      which: `all`, `latest`, or a step number.
-      incontext: shot counts for the untuned model (default: `eval.incontext_shots`);
-        each is evaluated once.
-    """
-    from ift_jax import checkpointing, export, model_setup
-    config = export.read_config(workdir)
-    if incontext is not None:
-        config.eval.incontext_shots = ",".join(str(k) for k in incontext)
-    model_setup.prepare_data(config)
-    ckpt = checkpointing.Checkpointer(workdir, read_only=True)
-    steps = ckpt.all_steps()
-    ckpt.close()
-    if config.eval.get("at_start", False):
-        steps = [0] + steps
-    if which == "latest":
-        steps = steps[-1:]
-    elif which != "all":
-        if int(which) not in steps:
-            raise ValueError(f"{workdir} has no checkpoint {which}; steps: {steps}")
-        steps = [int(which)]
-    done = set(finished_steps(workdir))
-    evaluated, setup, evaluator = [], None, None
-    for step in steps:
-        if step in done:
-            logging.info("step %d already evaluated; skipped", step)
-            continue
-        try:
-            setup, params, _ = export.load_run(workdir, step, setup)
-        except Exception as e:  # A half-written checkpoint must not stop the others.
-            logging.warning("checkpoint %d of %s cannot be read (%s); skipped", step,
-                            workdir, str(e).splitlines()[0])
-            continue
-        evaluator = evaluator or RunEvaluator(config, setup.eval_model, workdir)
-        evaluator.step(step, params)
-        evaluated.append(step)
-    shots = pending_incontext(config, workdir)
-    if shots:
-        setup, params, _ = export.load_run(workdir, 0, setup)
-        evaluator = evaluator or RunEvaluator(config, setup.eval_model, workdir)
-        for k in shots:
-            evaluator.incontext(k, params)
-    from ift_jax import report
-    report.write_tables(workdir)
-    return evaluated
-
-
-def read_inputs(path: str) -> list[dict]:
-    """Rows of a JSONL file, each an object with a string `inputs` field.
-
-    Raises:
-      ValueError: naming the file and line of a row that is not such an object.
-    """
-    rows = []
-    with fileio.open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("inputs"), str):
-                raise ValueError(f"{path}:{number}: each line must be an object with a string "
-                                 f"'inputs' field, e.g. {{\"inputs\": \"Summarize: ...\"}}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no rows to predict")
-    return rows
-
-
-def predict_rows(workdir: str, rows: Sequence[dict], step: Optional[int] = None, *,
-                 num_beams: Optional[int] = None, max_decode_length: Optional[int] = None
-                 ) -> list[dict]:
-    """`rows` with a `prediction` from the run's checkpoint (latest by default).
-
-    Inputs are tokenized with the run's vocabulary and cut to its
-    `data.inputs_length`; decoding settings default to the run's `eval` ones.
-    """
-    from ift_jax import export, model_setup
-    from ift_jax.data.vocabularies import TASK_VOCABULARY
-    config = export.read_config(workdir)
-    model_setup.prepare_data(config)
-    setup, params, step = export.load_run(workdir, step)
-    predict = greedy_predict_fn(
-        setup.eval_model, params, max_decode_length or config.eval.max_decode_length,
-        num_beams or config.eval.get("num_beams", 1), config.eval.get("length_penalty", 1.0))
-    eos = TASK_VOCABULARY.eos_id
-    tokens = [TASK_VOCABULARY.encode(r["inputs"])[:config.data.inputs_length - 1] + [eos]
-              for r in rows]
-    outputs = []
-    for batch in _padded(tokens, config.eval.batch_size, config.data.inputs_length):
-        outputs.extend(np.asarray(predict(batch)))
-    out = []
-    for row, output in zip(rows, outputs):
-        text, bad = decode_tokens(TASK_VOCABULARY, output)
-        out.append({**row, "prediction": text.strip(), **({"invalid_utf8": True} if bad else {})})
-    logging.info("predicted %d rows with %s step %d", len(out), workdir, step)
-    return out

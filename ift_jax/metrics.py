@@ -267,3 +267,21 @@ def get(name: str) -> Callable[..., dict[str, float]]:
     if name not in METRICS:
         raise ValueError(f"no metric {name!r}; available: {', '.join(sorted(METRICS))}")
     return METRICS[name]
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool],
+                               num_bins: int = 10) -> float:
+    """ECE in [0, 1]: equal-width confidence bins over [0, 1] (HELM's binning), the
+    mean |accuracy - confidence| of each bin weighted by its share of examples."""
+    if len(confidences) != len(correct) or not confidences:
+        raise ValueError("expected_calibration_error needs one correctness per confidence")
+    total, error = len(confidences), 0.0
+    for b in range(num_bins):
+        low, high = b / num_bins, (b + 1) / num_bins
+        members = [i for i, c in enumerate(confidences)
+                   if (low < c <= high) or (b == 0 and c == 0.0)]
+        if members:
+            accuracy = sum(bool(correct[i]) for i in members) / len(members)
+            confidence = sum(confidences[i] for i in members) / len(members)
+            error += len(members) / total * abs(accuracy - confidence)
+    return error

@@ -5,7 +5,8 @@ Reads what training and evaluation wrote (DESIGN.md's workdir contract):
 - `config.json`: `eval.guard_tasks`, a comma-separated string of guard tasks;
 - `train_metrics.jsonl`: one `{"step": N, "loss": ..., ...}` object per logged step;
 - `eval/step_<N>.json`: `{"step": N, "tasks": {task: {metric: value}}}`; step 0 is
-  the starting model before training;
+  the starting model before training; optional `suites` (benchmark aggregates)
+  and `robustness` (per-template scores of multi-template tasks);
 - `eval/incontext_<k>shot.json`: the starting model evaluated with k exemplars.
 
 and writes into `workdir/report/`:
@@ -13,7 +14,8 @@ and writes into `workdir/report/`:
 - `eval_table.csv`: long format, one row per (point, task, metric), full precision;
 - `eval_table.md`: one markdown table per task, rows = points, columns = metrics;
 - `forgetting.json`: per guard task and step > 0, score deltas vs step 0;
-- `train_loss.png`, `eval_<task>.png`, `forgetting.png` (each only when its data exists);
+- `train_loss.png`, `eval_<task>.png`, `forgetting.png`, `suites.png` (each only when
+  its data exists);
 - `README.md`: the summary linking all of the above.
 
 No JAX, TensorFlow or SeqIO here, so `ift-jax report` runs anywhere the files are;
@@ -34,13 +36,14 @@ from ift_jax import fileio
 # Scores where higher is better, in the order that picks a task's primary metric.
 PRIMARY_METRICS = ("rank_accuracy", "accuracy", "exact_match", "span_f1", "rougeL",
                    "rougeLsum", "bleu", "rouge1")
-# Not scores: validation loss is lower-is-better, the other a count of bad outputs.
+# Not scores: validation loss and calibration error are lower-is-better, the other
+# a count of bad outputs.
 # Tables keep them; plots and deltas leave them out.
-NON_SCORE_METRICS = ("loss", "invalid_utf8_predictions")
+NON_SCORE_METRICS = ("loss", "invalid_utf8_predictions", "calibration_ece")
 COUNT_METRICS = ("invalid_utf8_predictions",)
 # Column order of tables; metrics not listed follow alphabetically.
-METRIC_ORDER = ("rank_accuracy", "accuracy", "exact_match", "span_f1", "span_precision",
-                "span_recall", "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu",
+METRIC_ORDER = ("rank_accuracy", "calibration_ece", "accuracy", "exact_match", "span_f1",
+                "span_precision", "span_recall", "rouge1", "rouge2", "rougeL", "rougeLsum", "bleu",
                 "token_accuracy", "loss", "invalid_utf8_predictions")
 CSV_COLUMNS = ("point", "kind", "shots", "step", "task", "metric", "value")
 
@@ -75,13 +78,15 @@ def load_eval(workdir: str) -> dict:
 
     Returns:
       `{"workdir": str, "steps": {N: {task: {metric: value}}},
-      "incontext": {k: {task: {metric: value}}}, "guard_tasks": [task, ...]}` with
-      steps and shot counts ascending. Guard tasks come from `config.json`, else from
+      "incontext": {k: {task: {metric: value}}}, "guard_tasks": [task, ...],
+      "suites": {N: {suite: {aggregate: value}}}, "robustness": {N: {task: {...}}}}`
+      with steps and shot counts ascending. Guard tasks come from `config.json`, else from
       the `"guard_tasks"` lists of the step files. A missing `eval/` gives empty dicts.
     """
     workdir = os.fspath(workdir)
     directory = os.path.join(workdir, "eval")
     steps, incontext, recorded_guards = {}, {}, []
+    suites, robustness = {}, {}
     names = fileio.listdir(directory) if fileio.isdir(directory) else []
     for name in names:
         step_match, shots_match = _STEP_FILE.match(name), _INCONTEXT_FILE.match(name)
@@ -89,7 +94,12 @@ def load_eval(workdir: str) -> dict:
             continue  # `*.tmp` files of an evaluation in progress, anything else.
         data = _read_json(os.path.join(directory, name))
         if step_match:
-            steps[int(step_match.group(1))] = data.get("tasks", {})
+            step = int(step_match.group(1))
+            steps[step] = data.get("tasks", {})
+            if data.get("suites"):
+                suites[step] = data["suites"]
+            if data.get("robustness"):
+                robustness[step] = data["robustness"]
             recorded_guards += [g for g in data.get("guard_tasks", [])
                                 if g not in recorded_guards]
         else:
@@ -97,7 +107,9 @@ def load_eval(workdir: str) -> dict:
     return {"workdir": workdir,
             "steps": dict(sorted(steps.items())),
             "incontext": dict(sorted(incontext.items())),
-            "guard_tasks": _config_guard_tasks(workdir) or recorded_guards}
+            "guard_tasks": _config_guard_tasks(workdir) or recorded_guards,
+            "suites": dict(sorted(suites.items())),
+            "robustness": dict(sorted(robustness.items()))}
 
 
 def load_train_metrics(workdir: str) -> list[dict]:
@@ -386,7 +398,79 @@ def write_plots(workdir: str) -> list[str]:
         used.add(name)
         paths.append(plot_task(run, task, os.path.join(out_dir, f"eval_{name}.png")))
     paths.append(plot_forgetting(forgetting(run), os.path.join(out_dir, "forgetting.png")))
+    paths.append(plot_suites(run, os.path.join(out_dir, "suites.png")))
     return [p for p in paths if p]
+
+
+def plot_suites(run: dict, path: str) -> str | None:
+    """Each benchmark suite's aggregates across steps (None when no step has suites)."""
+    if not run.get("suites"):
+        return None
+    fig = _new_figure()
+    ax = fig.subplots()
+    series: dict[str, list[tuple[int, float]]] = {}
+    for step, suites in run["suites"].items():
+        for suite, values in suites.items():
+            for name, value in values.items():
+                series.setdefault(f"{suite} {name}", []).append((step, value))
+    for label, points in sorted(series.items()):
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=label)
+    ax.set(xlabel="step", ylabel="score", title="benchmark suites")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    with fileio.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    return path
+
+
+def suites_table(run: dict) -> str | None:
+    """Markdown: rows = steps, columns = each suite's aggregates (None: no suites)."""
+    if not run.get("suites"):
+        return None
+    columns = sorted({(suite, name) for suites in run["suites"].values()
+                      for suite, values in suites.items() for name in values})
+    rows = [[f"step {step}"] + [_format(name, suites.get(suite, {}).get(name))
+                                for suite, name in columns]
+            for step, suites in run["suites"].items()]
+    return markdown_table(["point"] + [f"{suite} {name}" for suite, name in columns], rows)
+
+
+def robustness_table(run: dict) -> str | None:
+    """Markdown: the latest step's per-template spread of multi-template tasks."""
+    if not run.get("robustness"):
+        return None
+    step = max(run["robustness"])
+    rows = []
+    for task, entry in sorted(run["robustness"][step].items()):
+        values = entry["per_template"]
+        rows.append([task, entry["metric"], str(len(values)), _format("", min(values.values())),
+                     _format("", max(values.values())), _format("", entry["spread"]),
+                     _format("", entry["std"])])
+    return (f"Step {step}: the primary metric per instruction template.\n\n" + markdown_table(
+        ["task", "metric", "templates", "min", "max", "spread", "std"], rows))
+
+
+def calibration_table(run: dict) -> str | None:
+    """Markdown: the latest step's expected calibration error of rank classification."""
+    steps = [s for s, tasks in run["steps"].items()
+             if any("calibration_ece" in m for m in tasks.values())]
+    if not steps:
+        return None
+    step = max(steps)
+    rows = [[task, _format("", m.get("rank_accuracy")), _format("", m["calibration_ece"])]
+            for task, m in sorted(run["steps"][step].items()) if "calibration_ece" in m]
+    return (f"Step {step}: expected calibration error (%, 10 equal-width bins) of the "
+            f"rank-classification probabilities; lower is better.\n\n"
+            + markdown_table(["task", "rank_accuracy", "calibration_ece"], rows))
+
+
+def _rouge_note(workdir: str) -> str | None:
+    path = os.path.join(workdir, "config.json")
+    if not fileio.exists(path):
+        return None
+    split = (_read_json(path).get("eval") or {}).get("rouge_sentence_split")
+    return (f"rougeLsum splits sentences with `{split}` (`eval.rouge_sentence_split`)."
+            if split else None)
 
 
 def _primary_table(run: dict) -> str:
@@ -415,7 +499,15 @@ def _readme(run: dict, train_rows: list[dict], summary: str, plots: list[str]) -
     lines = [f"# Report: {run['workdir']}", "", loss_line, ""]
     if run["steps"] or run["incontext"]:
         lines += ["## Primary metric per task", "", _primary_table(run), ""]
+    for title, table in (("Benchmark suites", suites_table(run)),
+                         ("Robustness to the instruction", robustness_table(run)),
+                         ("Calibration", calibration_table(run))):
+        if table:
+            lines += [f"## {title}", "", table, ""]
     lines += ["## Forgetting", "", summary, ""]
+    note = _rouge_note(run["workdir"])
+    if note:
+        lines += [note, ""]
     lines += ["## Plots", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in plots] or ["none"]
     lines += ["", "## Files", "",

@@ -1,116 +1,34 @@
-"""Training: `train_and_evaluate(config, workdir)` and the pure `train_step`.
+"""Training: `train_and_evaluate(config, workdir)`, the loop around the pure step.
 
-One loop for every method: full fine-tuning, LoRA, QLoRA and prompt tuning are
-different *trainable partitions* of the same T5 (`ift_jax.peft`). The step
-takes gradients only w.r.t. the trainable subtree; frozen params are an input
-that is never donated, never updated and has no optimizer state.
+One loop for every method (the step, `ift_jax.train_step`, takes gradients
+only w.r.t. the method's trainable partition). Start-up goes through
+`ift_jax.runs.start` (resume → init_from → scratch); evaluation runs on the
+training mesh (`ift_jax.evaluator`), on every host.
 
-`train_step` is jitted once with in/out shardings over the (data, fsdp,
-tensor) mesh and donates the state. The host never waits on the device per
-step: metrics of step N are fetched after step N+1 has been dispatched.
+The host never waits on the device per step: metrics of step N are fetched
+after step N+1 has been dispatched.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from ift_jax import checkpointing, fileio, losses, partitioning
-from ift_jax import model_setup
-
-Array = jax.Array
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: Array
-    params: Any  # The trainable subtree only.
-    opt_state: Any
+from ift_jax import checkpointing, evaluator, fileio, model_setup, partitioning, runs
+from ift_jax.train_step import (  # noqa: F401  (the step's public names, also here)
+    TrainState, global_batches, jit_train_step, train_step)
 
 
 # ----------------------------------------------------------------------------
-# The pure step.
-
-
-def _microbatches(batch: dict, num: int) -> dict:
-    """`[B, L]` -> `[num, B/num, L]` for a scan over microbatches."""
-    return jax.tree.map(lambda x: x.reshape((num, x.shape[0] // num) + x.shape[1:]), batch)
-
-
-def _sum_terms(terms: list[dict]) -> dict:
-    return jax.tree.map(lambda *xs: sum(xs), *terms)
-
-
-def train_step(state: TrainState, frozen: Any, batch: dict, rng: Array, *,
-               apply_fn: Callable, tx: optax.GradientTransformation,
-               loss_cfg: losses.LossConfig, num_microbatches: int = 1
-               ) -> tuple[TrainState, dict]:
-    """One optimizer step; gradients are accumulated in fp32 over microbatches.
-
-    Args:
-      apply_fn: `(params, batch, rng) -> logits` with dropout enabled, where
-        params = trainable merged with frozen (see `model_setup`).
-    """
-
-    # The whole batch's denominator, known before the forward pass: dividing the
-    # loss by it (a constant) scales backprop's seed, so the gradients come out
-    # normalized instead of taking one more pass over all of them afterwards.
-    denominator = jnp.maximum(losses.loss_denominator(batch, loss_cfg), 1e-8)
-
-    def loss_of(trainable, micro, micro_rng):
-        logits = apply_fn(model_setup.merge(trainable, frozen), micro, micro_rng)
-        terms = losses.loss_terms(logits, micro, loss_cfg)
-        return terms["loss_sum"] / denominator, terms
-
-    grad_fn = jax.grad(loss_of, has_aux=True)
-    if num_microbatches == 1:
-        grads, terms = grad_fn(state.params, batch, rng)
-    else:
-        def body(carry, xs):
-            micro, index = xs
-            g, t = grad_fn(state.params, micro, jax.random.fold_in(rng, index))
-            acc_g, acc_t = carry
-            return (jax.tree.map(jnp.add, acc_g, g), _sum_terms([acc_t, t])), None
-
-        zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros_t = {k: jnp.zeros((), jnp.float32) for k in
-                   ("loss_sum", "z_loss_sum", "denominator", "correct", "tokens")}
-        (grads, terms), _ = jax.lax.scan(
-            body, (zeros_g, zeros_t),
-            (_microbatches(batch, num_microbatches), jnp.arange(num_microbatches)))
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": terms["loss_sum"] / denominator,
-               "z_loss": terms["z_loss_sum"] / denominator,
-               "accuracy": terms["correct"] / jnp.maximum(terms["tokens"], 1.0),
-               "target_tokens": terms["tokens"], "grad_norm": optax.tree.norm(grads),
-               "input_tokens": jnp.sum(batch["encoder_input_tokens"] > 0) + terms["tokens"]}
-    return TrainState(state.step + 1, params, opt_state), metrics
-
-
-# ----------------------------------------------------------------------------
-# Batches and metrics on the host.
-
-
-def global_batches(local: Iterator[dict], sharding: jax.sharding.NamedSharding
-                   ) -> Iterator[dict]:
-    """This host's numpy batches -> global arrays over the mesh."""
-    for batch in local:
-        yield {k: jax.make_array_from_process_local_data(sharding, v)
-               for k, v in batch.items()}
+# Metrics on the host.
 
 
 class MetricsLog:
@@ -186,28 +104,18 @@ class NonFiniteLossError(FloatingPointError):
 # The orchestrator.
 
 
-def jit_train_step(setup, shardings, batch_sharding) -> Callable:
-    """`train_step` compiled once for the mesh, state donated."""
-    return jax.jit(
-        functools.partial(train_step, apply_fn=setup.train_apply, tx=setup.optimizer,
-                          loss_cfg=losses.LossConfig(**setup.config.loss),
-                          num_microbatches=setup.config.train.num_microbatches),
-        in_shardings=(shardings.state, shardings.frozen, batch_sharding, None),
-        out_shardings=(shardings.state, None), donate_argnums=(0,))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming if the workdir has a checkpoint) and returns the last metrics."""
     fileio.makedirs(workdir)
-    setup = model_setup.build(config)
+    setup = runs.build_setup(config)
     mesh = partitioning.make_mesh(dict(config.mesh))
     if jax.process_index() == 0:
         with fileio.open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-    tx = setup.optimizer
     ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    state, frozen, shardings, start = model_setup.initial_state(setup, tx, mesh, ckpt)
+    init, start = runs.start(setup, mesh, ckpt)
+    state, frozen, shardings = init.state, init.frozen, init.shardings
     model_setup.release_init_params(setup)  # On the devices now.
     if jax.process_index() == 0:
         model_setup.write_model_info(workdir, setup, state.params, frozen)
@@ -220,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log = MetricsLog(workdir, config.train.steps,
                      setup.flops_per_token if config.device_peak_flops else 0.0,
                      config.device_peak_flops)
-    evaluator = _evaluator(config, setup, workdir, log)
+    evaluate = _evaluator(config, setup, workdir, log, mesh)
     stop = StopRequested()
     rng = jax.random.key(config.train.seed)
     started = time.perf_counter()
@@ -229,8 +137,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = start
     try:
         with partitioning.mesh_context(mesh):
-            if evaluator and start == 0:  # The starting model: step 0 and in-context.
-                evaluator(0, model_setup.merge(state.params, frozen))
+            if evaluate and start == 0:  # The starting model: step 0 and in-context.
+                evaluate(0, model_setup.merge(state.params, frozen))
             while step < config.train.steps and not stop.requested:
                 batch = next(batches)
                 state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(rng, step))
@@ -242,8 +150,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     # Check this step's loss first: never checkpoint a non-finite state.
                     last, pending = _report(log, setup, *pending, config), None
                     ckpt.save(step, state, setup.checkpoint_meta())
-                if evaluator and (step % config.eval.every == 0 or step == config.train.steps):
-                    evaluator(step, model_setup.merge(state.params, frozen))
+                if evaluate and (step % config.eval.every == 0 or step == config.train.steps):
+                    evaluate(step, model_setup.merge(state.params, frozen))
             if pending is not None:
                 last = _report(log, setup, *pending, config)
             if stop.requested:
@@ -285,27 +193,20 @@ def _write_summary(workdir: str, config, step: int, last: dict, trainable: Any, 
         json.dump(summary, f, indent=2, sort_keys=True)
 
 
-def _evaluator(config, setup, workdir: str, log: MetricsLog) -> Optional[Callable]:
-    """`(step, params) -> None` decoding and scoring the eval tasks, or None if off."""
+def _evaluator(config, setup, workdir: str, log: MetricsLog, mesh
+               ) -> Optional[Callable]:
+    """`(step, params) -> None` decoding and scoring the eval tasks on the training
+    mesh (every host takes part; process 0 writes), or None if evaluation is off."""
     if not config.eval.every:
         return None
-    if jax.process_count() > 1:
-        logging.warning("evaluation during multi-host training is not supported yet; run "
-                        "`ift-jax eval --workdir=%s` afterwards", workdir)
-        return None
-    from ift_jax import evaluation, report
-    evaluator = evaluation.RunEvaluator(config, setup.eval_model, workdir)
+    run_evaluator = evaluator.RunEvaluator(config, setup.eval_model, workdir, mesh)
 
     def run(step: int, params: Any) -> None:
-        if step == 0:
-            for shots in evaluation.pending_incontext(config, workdir):
-                evaluator.incontext(shots, params)
-            if not config.eval.at_start or 0 in evaluation.finished_steps(workdir):
-                return
-        results = evaluator.step(step, params)
-        log.writer.write_scalars(step, {f"eval/{task}/{k}": v for task, m in results.items()
-                                        for k, v in m.items()})
-        report.write_tables(workdir)
+        results = run_evaluator.at_step(step, params)
+        if results:
+            log.writer.write_scalars(step, {f"eval/{task}/{k}": v
+                                            for task, m in results.items()
+                                            for k, v in m.items()})
     return run
 
 

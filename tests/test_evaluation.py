@@ -8,7 +8,7 @@ import pytest
 import seqio
 
 import ift_jax.tasks  # noqa: F401
-from ift_jax import evaluation, metrics
+from ift_jax import evaluation, evaluator, metrics
 from ift_jax.data.vocabularies import TASK_VOCABULARY
 
 SPEC = evaluation.EvalSpec(tasks=("synthetic_support_summary", "synthetic_sentiment"),
@@ -41,19 +41,25 @@ def constant(batch):
 
 
 def test_perfect_predictions_score_100_and_files_follow_the_contract(tmp_path):
-    results = evaluation.evaluate(str(tmp_path), 7, oracle(SPEC), SPEC)
+    point = evaluation.evaluate(str(tmp_path), 7, oracle(SPEC), SPEC)
+    results = point.tasks
     assert results["synthetic_sentiment"]["accuracy"] == 100.0
     assert results["synthetic_support_summary"]["rouge1"] == pytest.approx(100.0)
     written = json.loads((tmp_path / "eval" / "step_7.json").read_text())
-    assert written == {"step": 7, "tasks": results}
+    assert written == {"step": 7, "tasks": results, "robustness": point.robustness}
+    # Every template of the multi-template task is perfect: no spread across them.
+    spread = written["robustness"]["synthetic_sentiment"]
+    assert spread["metric"] == "accuracy" and spread["spread"] == 0.0
+    assert len(spread["per_template"]) > 1 and sum(spread["examples"].values()) == 40
     rows = [json.loads(line) for line in
             (tmp_path / "predictions" / "step_7" / "synthetic_sentiment.jsonl").open()]
-    assert len(rows) == 40 and set(rows[0]) == {"inputs", "references", "prediction"}
+    assert len(rows) == 40
+    assert set(rows[0]) == {"inputs", "references", "prediction", "template"}
     assert "OPTIONS:" in rows[0]["inputs"] and rows[0]["prediction"] == rows[0]["references"][0]
 
 
 def test_scores_are_recomputable_from_the_predictions_files(tmp_path):
-    results = evaluation.evaluate(str(tmp_path), 3, constant, SPEC)
+    results = evaluation.evaluate(str(tmp_path), 3, constant, SPEC).tasks
     for task in SPEC.tasks:
         assert evaluation.recompute(str(tmp_path), 3, task) == results[task]
     rows = [json.loads(line) for line in
@@ -100,7 +106,7 @@ def prefers(word):
 def test_rank_classification_picks_the_likeliest_choice_and_is_recomputable(tmp_path):
     spec = evaluation.EvalSpec(tasks=("synthetic_sentiment",), inputs_length=256,
                                batch_size=16, max_examples=40, targets_length=16)
-    results = evaluation.evaluate(str(tmp_path), 1, constant, spec, prefers("positive"))
+    results = evaluation.evaluate(str(tmp_path), 1, constant, spec, prefers("positive")).tasks
     rows = [json.loads(line) for line in
             (tmp_path / "predictions" / "step_1" / "synthetic_sentiment.jsonl").open()]
     assert all(r["choices"] == ["negative", "positive"] for r in rows)
@@ -143,7 +149,7 @@ def test_unknown_metric_name_lists_the_available_ones():
 def test_metric_names_replace_the_tasks_own(tmp_path):
     spec = evaluation.EvalSpec(tasks=("synthetic_sentiment",), inputs_length=256,
                                max_examples=8, metrics=("exact_match", "bleu"))
-    results = evaluation.evaluate(str(tmp_path), 1, constant, spec)
+    results = evaluation.evaluate(str(tmp_path), 1, constant, spec).tasks
     assert set(results["synthetic_sentiment"]) == {"exact_match", "bleu"}
 
 
@@ -210,9 +216,12 @@ def test_offline_eval_evaluates_each_checkpoint_once_and_skips_broken_ones(run_d
     for path in (tmp_path / "offline" / "checkpoints" / "6").rglob("*"):
         if path.is_file() and path.stat().st_size > 100:
             path.write_bytes(b"torn")  # A half-written checkpoint.
-    assert evaluation.evaluate_checkpoints(workdir) == [0, 2, 4]
+    outcome = evaluator.evaluate_checkpoints(workdir)
+    assert (outcome.evaluated, outcome.unreadable) == ([0, 2, 4], [6])
     assert "checkpoint 6 of" in caplog.text and "skipped" in caplog.text
-    assert evaluation.evaluate_checkpoints(workdir) == []
+    again = evaluator.evaluate_checkpoints(workdir)
+    assert (again.evaluated, again.already, again.unreadable) == ([], [0, 2, 4], [6])
+    assert "could not read checkpoints [6]" in again.summary()
     rows = (tmp_path / "offline" / "predictions" / "step_4" / "synthetic_sentiment.jsonl"
             ).read_text().splitlines()
     assert len(rows) == 4

@@ -1,0 +1,292 @@
+"""Evaluating a run's model where it lives: during training, from saved checkpoints,
+and `predict` on input files.
+
+- `RunEvaluator(config, model, workdir, mesh)`: one run's evaluation points
+  (`at_step`: step N, and at step 0 the in-context baselines), decoding and
+  scoring on `mesh` with the params sharded as they are (`inference.Inference`).
+  On a multi-host job every host calls it (each decodes its shard of every
+  batch); process 0 writes the files and prints. Decisions that read the
+  workdir (which points are still to do) are taken by process 0 and
+  broadcast, so all hosts run the same collectives.
+- `evaluate_checkpoints(workdir)`: `ift-jax eval` over a run's checkpoints
+  not evaluated yet, on the run's configured mesh over this job's devices.
+- `evaluate_model(config, workdir)`: `ift-jax eval --init_from=DIR`, the
+  starting model of a config with no training run, written as step 0.
+- `predict_rows(workdir, rows)`: `ift-jax predict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ift_jax import evaluation, fileio, inference, model_setup, report, runs
+from ift_jax.data import inspection
+from ift_jax.data.vocabularies import TASK_VOCABULARY
+
+_SHOWN = ("rouge1", "rougeL", "accuracy", "rank_accuracy", "exact_match", "bleu", "span_f1",
+          "loss")
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def agree(value: Any) -> Any:
+    """Process 0's `value` on every process (JSON-serializable values)."""
+    if jax.process_count() == 1:
+        return value
+    text = json.dumps(value).encode() if _is_main() else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
+    buffer = np.zeros((size,), np.uint8)
+    if _is_main():
+        buffer[:] = np.frombuffer(text, np.uint8)
+    return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
+
+
+def _task_names(names: Sequence[str]) -> list[str]:
+    """Task names with mixtures expanded into their tasks (order kept, no repeats)."""
+    out: list[str] = []
+    for name in names:
+        out.extend(t.name for t in inspection.tasks_of(name) if t.name not in out)
+    return out
+
+
+def spec_from_config(config: ml_collections.ConfigDict) -> list[evaluation.EvalSpec]:
+    """The run's `EvalSpec`s (`config.eval`, `config.data`): its eval tasks (default:
+    those of `data.mixture`) followed by the guard tasks."""
+    e = config.eval
+    names = evaluation._names
+    tasks = _task_names(names(e.tasks) or names(config.data.mixture))
+    guards = [t for t in _task_names(names(e.get("guard_tasks", ""))) if t not in tasks]
+    if not tasks and not guards:
+        return []
+    return [evaluation.EvalSpec(
+        tuple(tasks + guards), e.split, config.data.inputs_length, e.batch_size,
+        e.max_examples or None, config.data.targets_length, tuple(names(e.get("metrics", ""))),
+        tuple(guards), e.max_decode_length)]
+
+
+def pending_incontext(config: ml_collections.ConfigDict, workdir: str) -> list[int]:
+    """The shot counts of `eval.incontext_shots` not evaluated yet in `workdir`."""
+    return [int(k) for k in evaluation._names(config.eval.get("incontext_shots", ""))
+            if not fileio.exists(os.path.join(workdir, "eval", f"incontext_{int(k)}shot.json"))]
+
+
+class RunEvaluator:
+    """Evaluates one run's model at evaluation points on `mesh`."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model: Any, workdir: str,
+                 mesh: jax.sharding.Mesh):
+        self.config, self.model, self.workdir, self.mesh = config, model, workdir, mesh
+        self.specs = spec_from_config(config)
+
+    def inference(self, params: Any) -> inference.Inference:
+        e, d = self.config.eval, self.config.data
+        return inference.Inference(
+            self.model, params, self.mesh, batch_size=e.batch_size,
+            inputs_length=d.inputs_length, targets_length=d.targets_length,
+            num_beams=e.get("num_beams", 1), length_penalty=e.get("length_penalty", 1.0),
+            num_buckets=e.get("length_buckets", 4))
+
+    def at_step(self, step: int, params: Any) -> Optional[dict[str, dict[str, float]]]:
+        """Evaluation point `step`; at step 0 also the pending in-context baselines,
+        and step 0 itself only with `eval.at_start` and not evaluated yet."""
+        if step == 0:
+            todo = agree({"shots": pending_incontext(self.config, self.workdir),
+                          "start": bool(self.config.eval.at_start) and 0 not in
+                          evaluation.finished_steps(self.workdir)})
+            for shots in todo["shots"]:
+                self.incontext(shots, params)
+            if not todo["start"]:
+                return None
+        return self.step(step, params)
+
+    def step(self, step: int, params: Any) -> dict[str, dict[str, float]]:
+        result = evaluation.evaluate(self.workdir, step, self.inference(params), self.specs,
+                                     write_files=_is_main())
+        if _is_main():
+            self._log(f"eval step {step}", result)
+            report.write_tables(self.workdir)
+            if step and any(s.guard_tasks for s in self.specs):
+                print(report.forgetting_summary(self.workdir), flush=True)
+        return result.tasks
+
+    def incontext(self, shots: int, params: Any) -> dict[str, dict[str, float]]:
+        result = evaluation.evaluate_incontext(self.workdir, shots, self.inference(params),
+                                               self.specs, write_files=_is_main())
+        if _is_main():
+            self._log(f"eval {shots}-shot (untuned)", result)
+        return result.tasks
+
+    @staticmethod
+    def _log(title: str, result: evaluation.PointResult) -> None:
+        parts = [f"{task} {k}={v:.2f}" for task, m in result.tasks.items()
+                 for k, v in m.items() if k in _SHOWN]
+        parts += [f"{suite} {k}={v:.2f}" for suite, m in result.suites.items()
+                  for k, v in m.items()]
+        invalid = sum(int(m.get("invalid_utf8_predictions", 0)) for m in result.tasks.values())
+        note = (f"  ({invalid} predictions were not valid UTF-8 and were replaced; usual "
+                f"for an untrained byte model)" if invalid else "")
+        print(f"{title}: " + "  ".join(parts) + note, flush=True)
+
+
+@dataclasses.dataclass
+class CheckpointsEvaluated:
+    """What `evaluate_checkpoints` did: steps evaluated now, evaluated before, and
+    those it could not read (named in a warning each)."""
+
+    evaluated: list[int]
+    already: list[int]
+    unreadable: list[int]
+
+    def summary(self) -> str:
+        parts = [f"evaluated steps {self.evaluated}" if self.evaluated
+                 else "evaluated no step"]
+        if self.already:
+            parts.append(f"already evaluated {self.already}")
+        if self.unreadable:
+            parts.append(f"could not read checkpoints {self.unreadable}")
+        return "; ".join(parts)
+
+
+def _which_steps(steps: list[int], which: str, workdir: str) -> list[int]:
+    if which == "latest":
+        return steps[-1:]
+    if which == "all":
+        return steps
+    if int(which) not in steps:
+        raise ValueError(f"{workdir} has no checkpoint {which}; steps: {steps}")
+    return [int(which)]
+
+
+def evaluate_checkpoints(workdir: str, which: str = "all",
+                         incontext: Optional[Sequence[int]] = None,
+                         mesh: Optional[dict[str, int]] = None) -> CheckpointsEvaluated:
+    """Evaluates the run's checkpoints not evaluated yet, on the run's configured mesh
+    over this job's devices (or `mesh`).
+
+    Step 0 (the starting model) counts as a checkpoint when `eval.at_start` is
+    set. A checkpoint that cannot be read is skipped with a warning naming it.
+
+    Args:
+      which: `all`, `latest`, or a step number.
+      incontext: shot counts for the untuned model (default: `eval.incontext_shots`);
+        each is evaluated once.
+    """
+    run = runs.Run.open(workdir, mesh_override=mesh)
+    config = run.config
+    if incontext is not None:
+        config.eval.incontext_shots = ",".join(str(k) for k in incontext)
+    model_setup.prepare_data(config)
+    steps = ([0] if config.eval.get("at_start", False) else []) + run.steps()
+    steps = _which_steps(steps, which, workdir)
+    done = set(agree(evaluation.finished_steps(workdir)))
+    outcome = CheckpointsEvaluated([], sorted(done & set(steps)), [])
+    evaluator = RunEvaluator(config, run.setup.eval_model, workdir, run.mesh)
+    try:
+        for step in steps:
+            if step in done:
+                continue
+            try:
+                params, _ = run.params(step)
+            except Exception as e:  # A half-written checkpoint must not stop the others.
+                logging.warning("checkpoint %d of %s cannot be read (%s); skipped", step,
+                                workdir, str(e).splitlines()[0])
+                outcome.unreadable.append(step)
+                continue
+            evaluator.step(step, params)
+            outcome.evaluated.append(step)
+        shots = agree(pending_incontext(config, workdir))
+        if shots:
+            params, _ = run.params(0)
+            for k in shots:
+                evaluator.incontext(k, params)
+    finally:
+        run.close()
+    if _is_main():
+        report.write_tables(workdir)
+    return outcome
+
+
+def evaluate_model(config: ml_collections.ConfigDict, workdir: str,
+                   mesh: Optional[dict[str, int]] = None) -> dict[str, dict[str, float]]:
+    """The starting model of `config` (its `init_from`, e.g. an HF directory) evaluated
+    as step 0 of `workdir`, which gets the run's `config.json` as a training run does:
+    `ift-jax report` and later `ift-jax eval` read it the same way."""
+    model_setup.prepare_data(config)
+    if _is_main():
+        fileio.makedirs(workdir)
+        with fileio.open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    run = runs.Run.from_config(config, workdir,
+                               runs.run_mesh(config.get("mesh"), mesh) if mesh else None)
+    try:
+        params, _ = run.params(0)
+        evaluator = RunEvaluator(config, run.setup.eval_model, workdir, run.mesh)
+        return evaluator.step(0, params)
+    finally:
+        run.close()
+
+
+def read_inputs(path: str) -> list[dict]:
+    """Rows of a JSONL file, each an object with a string `inputs` field.
+
+    Raises:
+      ValueError: naming the file and line of a row that is not such an object.
+    """
+    rows = []
+    with fileio.open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("inputs"), str):
+                raise ValueError(f"{path}:{number}: each line must be an object with a string "
+                                 f"'inputs' field, e.g. {{\"inputs\": \"Summarize: ...\"}}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows to predict")
+    return rows
+
+
+def predict_rows(workdir: str, rows: Sequence[dict], step: Optional[int] = None, *,
+                 num_beams: Optional[int] = None, max_decode_length: Optional[int] = None,
+                 mesh: Optional[dict[str, int]] = None) -> list[dict]:
+    """`rows` with a `prediction` from the run's checkpoint (latest by default).
+
+    Inputs are tokenized with the run's vocabulary and cut to its
+    `data.inputs_length`; decoding settings default to the run's `eval` ones.
+    The model runs on the run's configured mesh over this job's devices.
+    """
+    run = runs.Run.open(workdir, mesh_override=mesh)
+    try:
+        config = run.config
+        model_setup.prepare_data(config)
+        params, step = run.params(step)
+        if num_beams:
+            config.eval.num_beams = num_beams
+        model = RunEvaluator(config, run.setup.eval_model, workdir, run.mesh).inference(params)
+        eos = TASK_VOCABULARY.eos_id
+        tokens = [TASK_VOCABULARY.encode(r["inputs"])[:config.data.inputs_length - 1] + [eos]
+                  for r in rows]
+        outputs = model.generate(tokens, max_decode_length or config.eval.max_decode_length)
+    finally:
+        run.close()
+    out = []
+    for row, output in zip(rows, outputs):
+        text, bad = evaluation.decode_tokens(TASK_VOCABULARY, output)
+        out.append({**row, "prediction": text.strip(), **({"invalid_utf8": True} if bad else {})})
+    logging.info("predicted %d rows with %s step %d", len(out), workdir, step)
+    return out
