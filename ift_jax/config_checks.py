@@ -188,7 +188,7 @@ def mesh_sizes(config: Any) -> Optional[dict[str, int]]:
                         "devices the other axes leave", f"set --config.mesh.{axis}=1")
     if list(sizes.values()).count(-1) > 1:
         raise ConfigError(f"mesh {_mesh_text(sizes)} has more than one axis set to -1; "
-                          f"give all but one a size")
+                          f"give all but one a size, e.g. --config.mesh.data=1")
     return sizes
 
 
@@ -222,7 +222,8 @@ def _check_microbatches(config: Any) -> None:
     if _MISSING not in (batch, micro) and batch % micro:
         raise _fail("train.num_microbatches", micro,
                     f"does not divide train.batch_size={batch}",
-                    f"choose one of {_divisors(batch)}, or change train.batch_size")
+                    f"set --config.train.num_microbatches to one of {_divisors(batch)}, or "
+                    f"change train.batch_size")
 
 
 def _check_batch_split(config: Any, data_parallel: int, sizes: dict[str, int]) -> None:
