@@ -45,8 +45,6 @@ import time
 import uuid
 from typing import Iterator, Optional
 
-import jax
-
 from ift_jax import fileio
 from ift_jax.errors import WorkdirInUseError
 
@@ -172,16 +170,11 @@ class RunLock:
 
     def _create(self, holder: Holder) -> bool:
         """Writes the lock file unless one exists; whether it did."""
-        text = json.dumps(dataclasses.asdict(holder))
         if fileio.is_remote(self.path):
-            if fileio.exists(self.path):
-                return False
-            fileio.write_text(self.path, text)
-            found = self.read()
-            return found is not None and found.token == holder.token
+            return self._create_by_write(holder)
         aside = f"{self.path}.{holder.token}"
         with open(aside, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.write(json.dumps(dataclasses.asdict(holder)))
             f.flush()
             os.fsync(f.fileno())
         try:
@@ -191,6 +184,14 @@ class RunLock:
             return False
         finally:
             os.remove(aside)
+
+    def _create_by_write(self, holder: Holder) -> bool:
+        """`_create` where no atomic create exists (buckets): write if absent, read back."""
+        if fileio.exists(self.path):
+            return False
+        fileio.write_text(self.path, json.dumps(dataclasses.asdict(holder)))
+        found = self.read()
+        return found is not None and found.token == holder.token
 
     def _write(self, holder: Holder) -> None:
         aside = f"{self.path}.{holder.token}"
@@ -234,8 +235,10 @@ def hold(workdir: str, process_index: Optional[int] = None, **kwargs) -> Iterato
     Raises:
       WorkdirInUseError: another live run holds the workdir.
     """
-    index = jax.process_index() if process_index is None else process_index
-    if index != 0:
+    if process_index is None:
+        import jax  # Only here: a caller that knows its index needs no jax (tools, tests).
+        process_index = jax.process_index()
+    if process_index != 0:
         yield None
         return
     lock = RunLock(workdir, **kwargs)
