@@ -125,7 +125,7 @@ def _local_spec(spec: dict, folder: str, name: str) -> dict:
     the array's own .zarray), as t5x's `_read_ts` does."""
     spec = copy.deepcopy(spec)
     kvstore = spec.get("kvstore")
-    relative = kvstore.get("path") if isinstance(kvstore, dict) else spec.pop("path", None)
+    relative = (kvstore.get("path") if isinstance(kvstore, dict) else None) or spec.get("path")
     if relative is None:
         raise CheckpointError(f"{folder}: param {name} has a TensorStore spec without a "
                               f"path: {spec}")
