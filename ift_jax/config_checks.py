@@ -97,7 +97,8 @@ def _shot_list(key: str, value: Any) -> None:
 
 
 RULES: dict[str, Callable[[str, Any], None]] = {
-    "train.steps": _int_at_least(1, "optimizer steps to train"),
+    # 0: no training, only the starting model's evaluation (see _check_zero_steps).
+    "train.steps": _int_at_least(0, "optimizer steps to train"),
     "train.batch_size": _int_at_least(1, "examples per step, over all hosts"),
     "train.num_microbatches": _int_at_least(1, "1 = no gradient accumulation"),
     "train.log_every": _int_at_least(1, "steps between metric lines"),
@@ -150,6 +151,7 @@ def validate(config: Any) -> None:
     if preset is not _MISSING and not get(config, "init_from") and preset not in t5.PRESETS:
         raise _fail("model.preset", preset, f"is not one of {', '.join(t5.PRESETS)}",
                     "set --config.model.preset=tiny (or init_from to a checkpoint)")
+    _check_zero_steps(config)
     _check_microbatches(config)
     _check_schedule(config)
     sizes = mesh_sizes(config)
@@ -215,6 +217,19 @@ def _mesh_text(sizes: dict[str, int]) -> str:
 def _divisors(n: int) -> str:
     found = [d for d in range(1, n + 1) if n % d == 0]
     return ", ".join(map(str, found[:12])) + (", ..." if len(found) > 12 else "")
+
+
+def _check_zero_steps(config: Any) -> None:
+    """`train.steps=0` evaluates the starting model and trains nothing (a zero-shot
+    baseline); without that evaluation it would do nothing and call itself finished."""
+    if get(config, "train.steps") != 0:
+        return
+    if get(config, "eval.every") not in (_MISSING, 0) and get(config, "eval.at_start") is True:
+        return
+    raise _fail("train.steps", 0, "trains nothing, and with eval.every=0 or "
+                "eval.at_start=False evaluates nothing either",
+                "set --config.train.steps=N with N >= 1 (0 only evaluates the starting model: "
+                "eval.at_start=True and eval.every > 0)")
 
 
 def _check_microbatches(config: Any) -> None:

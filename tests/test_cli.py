@@ -235,7 +235,8 @@ def test_positionals_and_arguments_after_a_double_dash_are_refused(tmp_path, cap
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.steps=0", "train.steps=0 must be an integer >= 1"),
+    ("train.steps=-1", "train.steps=-1 must be an integer >= 0"),
+    ("train.steps=0", "optimizer.warmup_steps=20 is not below train.steps=0"),
     ("train.checkpoint_every=0", "train.checkpoint_every=0 must be an integer >= 1"),
     ("train.log_every=0", "train.log_every=0 must be an integer >= 1"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints=0 must be an integer >= 1"),

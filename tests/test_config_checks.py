@@ -28,7 +28,12 @@ def test_every_shipped_preset_passes():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(train__steps=0), "train.steps=0 must be an integer >= 1"),
+    (dict(train__steps=-5), "train.steps=-5 must be an integer >= 0"),
+    (dict(train__steps=0, optimizer__schedule="constant", eval__every=0),
+     "train.steps=0 trains nothing, and with eval.every=0 or eval.at_start=False evaluates "
+     "nothing either"),
+    (dict(train__steps=0, optimizer__schedule="constant", eval__at_start=False),
+     "train.steps=0 trains nothing"),
     (dict(train__batch_size=0), "train.batch_size=0 must be an integer >= 1"),
     (dict(train__keep_checkpoints=0), "with 0 a finished run would keep no model"),
     (dict(eval__every=-1), "eval.every=-1 must be an integer >= 0"),
@@ -59,6 +64,13 @@ def test_a_bad_value_is_one_line_naming_key_and_fix(overrides, message):
         config_checks.validate(config)
     text = str(raised.value)
     assert message in text and "\n" not in text and "--config." in text, text
+
+
+def test_zero_steps_evaluate_the_starting_model():
+    # docs/dialogsum_recipe.md's zero-shot baseline: no training, step 0 evaluated.
+    config = flan_t5.get_config("size=base,method=full,task=dialogsum")
+    config.train.steps = 0
+    config_checks.validate(config)
 
 
 def test_fixed_data_axes_that_divide_the_batch_pass():
