@@ -246,10 +246,10 @@ def _convert(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("feed_forward_proj",
                                               "relative_attention_max_distance")
                  if getattr(args, k) is not None}
-    config, params = t5x_checkpoint.load_t5x(args.t5x_checkpoint, **overrides)
     if args.vocab and not os.path.isfile(args.vocab):
         raise errors.InputFileError(f"--vocab={args.vocab}: no such file; give the "
                                     f"SentencePiece .model the checkpoint was trained with")
+    config, params = t5x_checkpoint.load_t5x(args.t5x_checkpoint, **overrides)
     hf.save_t5(args.output, config, params)
     if args.vocab:  # Where init_from=HF_DIR with an empty data.vocab looks for it.
         shutil.copyfile(args.vocab, os.path.join(args.output, "spiece.model"))
