@@ -29,6 +29,12 @@ INSTALL_REQUIRES = [
     "sacrebleu>=2.4,<3",
     # Reports: plots of a run's metrics (`ift-jax report`).
     "matplotlib>=3.9,<3.11",
+    # Progress bars with an ETA on a terminal (ift_jax.progress); plain lines in logs.
+    "tqdm>=4.66,<5",
+    # t5x checkpoints in (ift_jax.t5x_checkpoint): the msgpack index and zarr arrays.
+    # Both already come with flax / orbax; named because ift_jax imports them itself.
+    "msgpack>=1.0,<2",
+    "tensorstore>=0.1.60,<0.2",
 ]
 
 EXTRAS_REQUIRE = {

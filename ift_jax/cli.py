@@ -1,7 +1,18 @@
 """The `ift-jax` command (also `python -m ift_jax`).
 
 Subcommands are added as the features behind them land; each one here works.
-Flag parsing lives here and nowhere in the library.
+Flag parsing lives here (and, for `train` / `sweep`, in `ift_jax.run_flags`)
+and nowhere in the library.
+
+Errors: a `UserError` (and, until every module raises that family, a
+`ValueError`, `FileNotFoundError` or `KeyError`) is printed as one line
+`ift-jax COMMAND: error: ...` with exit status 2. `--verbose` (any command) or
+`IFT_JAX_VERBOSE=1` keeps the libraries' start-up logging (`ift_jax.console`).
+
+Only stdlib, `console` and `errors` are imported up here; everything that
+imports jax, TensorFlow or absl is imported inside the commands, so `main` can
+quiet those libraries before they load (jax sets TF_CPP_MIN_LOG_LEVEL=1 on
+import, for one).
 """
 
 from __future__ import annotations
@@ -12,9 +23,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-# TensorFlow (tf.data under SeqIO) logs C++ warnings such as cache notices on
-# every run; keep errors only, unless the user asked otherwise.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ift_jax import console, errors
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -104,9 +113,7 @@ def _tasks_train_spm(args: argparse.Namespace) -> int:
 
 
 def _quiet_logging() -> None:
-    import logging
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    console.setup_logging(console.is_verbose())
 
 
 def _shots(text: str) -> list[int]:
@@ -144,13 +151,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_only_config(args: argparse.Namespace):
     """The config of `ift-jax eval --init_from=DIR`: `--config` (default: the embedded
     default) with `init_from`, the benchmark suites or tasks, and no training mixture."""
-    import importlib.util
-    path = args.config or default_config_path()
-    file, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("_ift_jax_eval_config", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
+    from ift_jax import config_files
+    config = config_files.load(args.config or default_config_path())
     config.init_from = args.init_from
     config.data.vocab = args.vocab or ""
     config.data.mixture = ""
@@ -299,9 +301,52 @@ def _add_tasks_parser(sub) -> None:
     spm.set_defaults(run=_tasks_train_spm)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    import shutil
+    from ift_jax import hf, t5x_checkpoint
+    from ift_jax.models import t5
+    overrides = {k: getattr(args, k) for k in ("feed_forward_proj",
+                                              "relative_attention_max_distance")
+                 if getattr(args, k) is not None}
+    if args.vocab and not os.path.isfile(args.vocab):
+        raise errors.InputFileError(f"--vocab={args.vocab}: no such file; give the "
+                                    f"SentencePiece .model the checkpoint was trained with")
+    config, params = t5x_checkpoint.load_t5x(args.t5x_checkpoint, **overrides)
+    hf.save_t5(args.output, config, params)
+    if args.vocab:  # Where init_from=HF_DIR with an empty data.vocab looks for it.
+        shutil.copyfile(args.vocab, os.path.join(args.output, "spiece.model"))
+    step = t5x_checkpoint.checkpoint_step(args.t5x_checkpoint)
+    print(f"wrote {args.output}: HF T5 ({t5.param_count(config):,} params) from t5x "
+          f"checkpoint {args.t5x_checkpoint}" + (f" (step {step})" if step is not None else ""))
+    return 0
+
+
+def _add_convert_parser(sub) -> None:
+    parser = sub.add_parser(
+        "convert", help="write a t5x checkpoint (FLAN-T5's release format) as an HF directory",
+        description="Reads the params of a t5x checkpoint (msgpack index + TensorStore "
+                    "arrays; see ift_jax/t5x_checkpoint.py) and writes an HF T5 directory "
+                    "that transformers and --config.init_from load.")
+    parser.add_argument("--t5x_checkpoint", required=True,
+                        help="a checkpoint_<step> folder (or a t5x model dir: its latest)")
+    parser.add_argument("--output", required=True, help="HF directory to write")
+    parser.add_argument("--format", choices=("hf",), default="hf",
+                        help="hf: config.json + model.safetensors (default)")
+    parser.add_argument("--vocab", help="SentencePiece .model to copy in as spiece.model "
+                        "(FLAN-T5: cc_all.32000.100extra/sentencepiece.model)")
+    parser.add_argument("--feed_forward_proj", default=None,
+                        help="gated activation when not gelu, e.g. gated-silu "
+                             "(the weights cannot show it)")
+    parser.add_argument("--relative_attention_max_distance", type=int, default=None,
+                        help="default 128, t5x's (the weights cannot show it)")
+    parser.set_defaults(run=_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ift-jax", description="Instruction fine-tuning of T5-family models in JAX.")
+        prog="ift-jax", description="Instruction fine-tuning of T5-family models in JAX.",
+        epilog="`ift-jax COMMAND --help` describes a command; --verbose (any command) keeps "
+               "the start-up logging of TensorFlow, XLA and absl.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("train", help="train: --config=FILE[:arg] --workdir=DIR [--config.a.b=v]",
                    add_help=False)
@@ -321,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_model_info)
     _add_tasks_parser(sub)
     _add_export_parser(sub)
+    _add_convert_parser(sub)
     _add_eval_parser(sub)
     _add_report_and_predict_parsers(sub)
     return parser
@@ -330,93 +376,59 @@ CONFIG_COMMANDS = ("train", "sweep")
 
 
 def default_config_path() -> str:
-    import ift_jax.configs
-    return os.path.join(os.path.dirname(ift_jax.configs.__file__), "default.py")
+    from ift_jax import config_files
+    return config_files.default_path()
 
 
 def _parse_config_flags(command: str, argv: Sequence[str]):
-    """absl + ml_collections flags: --config=FILE[:arg], --config.a.b=v, --workdir."""
-    from absl import flags
-    from ml_collections import config_flags
-    values = flags.FlagValues()
-    try:
-        # The override flags (--config.a.b=v) are found in `sys_argv`.
-        config_flags.DEFINE_config_file(
-            "config", default=default_config_path(), flag_values=values, lock_config=True,
-            sys_argv=[f"ift-jax {command}", *argv],
-            help_string="config file (get_config(arg)); default: configs/default.py")
-        flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, eval)",
-                            flag_values=values)
-        values([f"ift-jax {command}", *argv])
-        config = values.config
-    except (flags.Error, KeyError, AttributeError) as e:
-        raise ValueError(_unknown_key_message(argv) or _flag_error(e)) from None
-    if not values.workdir:
-        raise ValueError("--workdir is required")
-    return config, values.workdir
-
-
-def _flag_error(error: Exception) -> str:
-    """absl's first line, plus the config file's own error when it raised one
-    (absl puts that at the end of a traceback)."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    first, last = lines[0], lines[-1]
-    if "Traceback" in str(error) and last != first:
-        return f"{first.rstrip(':')}: {last}"
-    return first
-
-
-def _unknown_key_message(argv: Sequence[str]) -> Optional[str]:
-    """Names the first `--config.a.b=v` whose key does not exist, and the valid keys."""
-    import importlib.util
-    spec_arg = next((a[len("--config="):] for a in argv if a.startswith("--config=")),
-                    default_config_path())
-    path, _, config_arg = spec_arg.partition(":")
-    try:
-        spec = importlib.util.spec_from_file_location("_ift_jax_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        root = module.get_config(config_arg or None)
-    except Exception:  # The config itself is broken; absl's message says more.
-        return None
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        node, path = root, arg[len("--config."):].split("=", 1)[0].split(".")
-        for depth, key in enumerate(path):
-            if not hasattr(node, "keys") or key not in node:
-                where = ".".join(path[:depth]) or "config"
-                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none)"
-                return f"unknown config key {'.'.join(path)!r}; valid keys of {where}: {valid}"
-            node = node[key]
-    return None
+    """(config, workdir) of a `train` argv, checked (`run_flags.parse_train`)."""
+    del command  # Sweep points are `ift-jax train` command lines too.
+    from ift_jax import run_flags
+    parsed = run_flags.parse_train(argv)
+    return parsed.config, parsed.workdir
 
 
 def _train(argv: Sequence[str]) -> int:
-    config, workdir = _parse_config_flags("train", argv)
-    import logging
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from ift_jax import distributed
+    from ift_jax import run_flags
+    if run_flags.wants_help(argv):
+        sys.stdout.write(run_flags.train_help(argv))
+        return 0
+    parsed = run_flags.parse_train(argv)
+    console.setup_logging(console.is_verbose())
+    from ift_jax import config_checks, distributed
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/seqio chatter
+    import jax
+    config_checks.validate_for_devices(parsed.config, jax.device_count(), jax.process_count())
     from ift_jax import train
-    train.train_and_evaluate(config, workdir)
+    # Passed only when given: train_and_evaluate takes it once resumes check config changes.
+    extra = ({"allow_config_changes": parsed.allow_config_changes}
+             if parsed.allow_config_changes else {})
+    train.train_and_evaluate(parsed.config, parsed.workdir, **extra)
     return 0
 
 
+SWEEP_FLAGS = ("--dry_run", "--in_process")
+
+
 def _sweep(argv: Sequence[str]) -> int:
-    import logging
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from ift_jax import sweeps
+    from ift_jax import run_flags, sweeps
+    if run_flags.wants_help(argv):
+        spec, _ = run_flags.config_spec([a for a in argv if a not in run_flags.HELP_FLAGS])
+        points = sweeps.load_points(spec) if sweeps.has_sweep(spec) else []
+        sys.stdout.write(run_flags.sweep_help(argv, [(sweeps.point_name(p), sweeps.overrides(p))
+                                                     for p in points]))
+        return 0
+    console.setup_logging(console.is_verbose())
     dry_run, in_process = "--dry_run" in argv, "--in_process" in argv
-    argv = [a for a in argv if a not in ("--dry_run", "--in_process")]
+    argv = [a for a in argv if a not in SWEEP_FLAGS]
     specs = [a[len("--config="):] for a in argv if a.startswith("--config=")]
     roots = [a[len("--workdir="):] for a in argv if a.startswith("--workdir=")]
     unknown = [a for a in argv if not a.startswith(("--config=", "--workdir=", "--config."))]
     if len(specs) != 1 or len(roots) != 1 or unknown:
-        raise ValueError("usage: ift-jax sweep --config=FILE[:arg] --workdir=ROOT [--dry_run] "
-                         "[--in_process] [--config.a.b=v ...]"
-                         + (f"; unexpected {unknown}" if unknown else ""))
+        raise errors.ConfigError(
+            "usage: ift-jax sweep --config=FILE[:arg] --workdir=ROOT [--dry_run] "
+            "[--in_process] [--config.a.b=v ...]" + (f"; unexpected {unknown}" if unknown
+                                                     else ""))
     extra = [a for a in argv if a.startswith("--config.")]
     failed = sweeps.run(specs[0], roots[0], extra, dry_run,
                         validate=lambda point_argv: _parse_config_flags("train", point_argv),
@@ -456,19 +468,35 @@ def use_compilation_cache() -> Optional[str]:
     return path
 
 
+# What the CLI reports as one line; anything else is a bug and keeps its traceback.
+# ValueError, FileNotFoundError and KeyError stay until every module raises UserError.
+USER_ERRORS = (errors.UserError, ValueError, FileNotFoundError, KeyError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one command; returns its exit status (0 ok, 1 failed points, 2 user error).
+
+    Called without `argv` (the `ift-jax` process itself) it also filters the
+    libraries' native start-up noise from stderr (`console`); with an argv (tests,
+    in-process sweeps) it leaves file descriptors alone.
+    """
+    whole_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    console.quiet(console.verbose_requested(argv), filter_stderr=whole_process)
     use_compilation_cache()
     if argv and argv[0] in CONFIG_COMMANDS:
         try:
             return (_train if argv[0] == "train" else _sweep)(argv[1:])
-        except (ValueError, FileNotFoundError, KeyError, AttributeError) as e:
+        except (*USER_ERRORS, AttributeError) as e:
             print(f"ift-jax {argv[0]}: error: {e}", file=sys.stderr)
             return 2
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed.
+        return e.code if isinstance(e.code, int) else 0
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # User mistakes: one line.
+    except USER_ERRORS as e:  # User mistakes: one line.
         print(f"ift-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -76,3 +76,14 @@ def append_text(path: str, text: str) -> None:
         return
     old = _epath(path).read_text() if exists(path) else ""
     write_text(path, old + text)
+
+
+def remove(path: str) -> None:
+    """Deletes a file; one that is already gone is fine."""
+    if is_remote(path):
+        _epath(path).unlink(missing_ok=True)
+        return
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

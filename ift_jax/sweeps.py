@@ -18,7 +18,6 @@ loss, the last evaluation's metrics, trainable params and peak memory.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import json
 import logging
@@ -30,7 +29,7 @@ import subprocess
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-from ift_jax import fileio
+from ift_jax import config_files, fileio, progress
 
 Point = dict[str, Any]
 
@@ -84,11 +83,7 @@ def load_points(config_spec: str) -> list[Point]:
         points share a name.
     """
     path, _, arg = config_spec.partition(":")
-    if not fileio.exists(path):
-        raise FileNotFoundError(f"sweep config {path!r}: no such file")
-    spec = importlib.util.spec_from_file_location("_ift_jax_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_files.import_file(config_spec)
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path} defines no get_sweep(); a sweep file returns a list of "
                          "override dicts from get_sweep(arg)")
@@ -103,6 +98,11 @@ def load_points(config_spec: str) -> list[Point]:
     if duplicates:
         raise ValueError(f"{path}: sweep points share names {duplicates}; add 'name' keys")
     return points
+
+
+def has_sweep(config_spec: str) -> bool:
+    """Whether the config file of `FILE[:arg]` defines `get_sweep`."""
+    return hasattr(config_files.import_file(config_spec), "get_sweep")
 
 
 def commands(config_spec: str, root: str, points: Sequence[Point],
@@ -145,11 +145,13 @@ def run(config_spec: str, root: str, extra: Sequence[str] = (), dry_run: bool = 
             print(shlex.join(argv) + state)
         return 0
     failed = 0
-    for name, argv in todo:
-        workdir = os.path.join(root, name)
-        if finished(workdir):
-            logging.info("sweep point %s finished already; skipped", name)
-            continue
+    pending = [(name, argv) for name, argv in todo if not finished(os.path.join(root, name))]
+    for name in sorted({n for n, _ in todo} - {n for n, _ in pending}):
+        logging.info("sweep point %s finished already; skipped", name)
+    # Plain lines, never a bar: the points print their own output to the same terminal.
+    tracker = progress.Progress(len(pending), "sweep", "points", stream=sys.stdout, bar=False,
+                                every_s=0.0)
+    for name, argv in pending:
         print(f"sweep point {name}: {shlex.join(argv)}", flush=True)
         if in_process:
             code, stopped = in_process(argv[1:]), False
@@ -161,6 +163,7 @@ def run(config_spec: str, root: str, extra: Sequence[str] = (), dry_run: bool = 
         if code:
             logging.error("sweep point %s failed with exit code %d", name, code)
             failed += 1
+        tracker.update(note=f"{name} {'failed' if code else 'done'}")
     write_summary(root, points)
     return failed
 

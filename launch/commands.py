@@ -21,6 +21,25 @@ _CONFIG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+# What says a job is done: ift-jax exits 0 after SIGTERM too (it saved a checkpoint and
+# stopped early), so the exit status is not enough. Each reads the file on stdin and exits 0
+# only for a finished run: `summary.json` with `"finished": true` (train), or a
+# `sweep_summary.csv` whose points all have status `finished` (sweep).
+FINISHED_FILES = {"train": "summary.json", "sweep": "sweep_summary.csv"}
+_FINISHED_CHECKS = {
+    "train": 'import json, sys; sys.exit(0 if json.load(sys.stdin).get("finished") is True '
+             'else 1)',
+    "sweep": 'import csv, sys; rows = list(csv.DictReader(sys.stdin)); '
+             'sys.exit(0 if rows and all(r.get("status") == "finished" for r in rows) else 1)',
+}
+
+
+def finished_check(kind: str) -> str:
+    """Shell: `python3 -c CHECK` for a job kind, reading the finished file on stdin
+    (exit 1 also when the file is missing, empty or malformed)."""
+    return f"python3 -c {shlex.quote(_FINISHED_CHECKS[kind])} 2>/dev/null"
+
+
 def check(value: str, pattern: str, what: str, example: str) -> str:
     """Returns `value` if it fully matches `pattern`; else raises naming the fix."""
     if not re.fullmatch(pattern, value or ""):

@@ -15,7 +15,12 @@ $SLURM_NNODES and each task sets IFT_JAX_PROCESS_ID=$SLURM_PROCID.
 Before the time limit (`--signal=B:TERM@...`) or on preemption the script
 passes SIGTERM to the tasks; ift-jax saves a checkpoint and exits 0, and the
 script requeues the job (`scontrol requeue`, up to --max_requeues times), which
-resumes from that checkpoint. The workdir must be on storage every node sees.
+resumes from that checkpoint. The job ends with exit 0 (COMPLETED) only when
+WORKDIR/summary.json says `"finished": true`: tasks that exit 0 without
+finishing (a SIGTERM sent to them alone) requeue it too, and it exits 75. The
+workdir must be on storage every node sees. `IFT_JAX_RUN_ID=slurm-<job id>`
+(constant across requeues) lets a requeued job take over the workdir's run
+lock (ift_jax.run_lock) from its own earlier incarnation on another node.
 """
 
 from __future__ import annotations
@@ -129,6 +134,8 @@ def sbatch_script(job: SlurmJob) -> str:
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f'export IFT_JAX_COORDINATOR="$head_node:{port}"',
         'export IFT_JAX_NUM_PROCESSES="$SLURM_NNODES"',
+        "# A requeued job is the same run: it may take over its own run lock.",
+        'export IFT_JAX_RUN_ID="slurm-$SLURM_JOB_ID"',
         "",
         "# SIGTERM (time limit near, preemption) goes on to the tasks: ift-jax saves a",
         "# checkpoint and exits 0; the job is then requeued and resumes from it.",
@@ -139,6 +146,16 @@ def sbatch_script(job: SlurmJob) -> str:
         "srun_pid=$!",
         'status=0; wait "$srun_pid" || status=$?',
         'while kill -0 "$srun_pid" 2>/dev/null; do status=0; wait "$srun_pid" || status=$?; done',
+        "",
+        "# ift-jax exits 0 after SIGTERM too: the run is done only if summary.json says so.",
+        f"summary={shlex.quote(job.workdir.rstrip('/') + '/summary.json')}",
+        'read_summary() { case "$summary" in gs://*) gsutil -q cat "$summary" ;; '
+        '*) cat "$summary" ;; esac; }',
+        f'if [ "$stopping" = 0 ] && [ "$status" -eq 0 ] && ! {{ read_summary 2>/dev/null | '
+        f'{commands.finished_check("train")}; }}; then',
+        '  echo "ift-jax exited 0 but $summary does not say it finished (stopped early)" >&2',
+        "  stopping=1; status=75",
+        "fi",
         'if [ "$stopping" = 1 ]; then',
         f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {job.max_requeues} ]; then',
         '    echo "requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint"',

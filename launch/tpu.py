@@ -20,7 +20,8 @@ into ~/ift_jax_venv (Python from uv, since TPU images may ship an older one).
 WORKDIR/logs/ at the end); a clean finish writes WORKDIR/<job>_done, which is
 what `resume-loop` waits for. ift-jax saves and exits 0 on SIGTERM, so exit 0
 alone does not mean done: the remote wrapper writes the marker only when no
-signal reached it.
+signal reached it and the workdir says the run finished (`summary.json` with
+`"finished": true`; for a sweep, every point `finished` in `sweep_summary.csv`).
 
 `--dry_run` prints the commands (one per line, copy-pasteable) and runs nothing.
 User values are never pasted into shell text unquoted: remote commands are
@@ -175,23 +176,34 @@ def setup_script(source: Source) -> str:
     ])
 
 
-def job_script(job: Job) -> str:
+def job_script(job: Job, run_id: str = "") -> str:
     """Shell run on each worker: the ift-jax command under a wrapper that knows "done".
 
     The wrapper stops a job an earlier launch left running (its ssh dropped):
     SIGTERM makes it checkpoint, and this run resumes from there. A signal to
     the wrapper (preemption, hang-up) is passed on to ift-jax and means "not
-    done", whatever the exit status.
+    done", whatever the exit status; so does an exit 0 whose workdir does not
+    say finished (ift-jax was stopped by a signal sent to it alone): the
+    wrapper then exits 75 (EX_TEMPFAIL).
+
+    Args:
+      run_id: `IFT_JAX_RUN_ID` for the workdir's run lock (ift_jax.run_lock): a
+        relaunch with the same id takes over the lock of an earlier incarnation
+        on another host (a recreated TPU) at once instead of waiting for its
+        heartbeat to go stale.
     """
     q = shlex.quote
     log, pidfile = f"{LOGS}/{job.kind}.log", f"{LOGS}/{job.kind}.pid"
+    summary = f"{job.root}/{commands.FINISHED_FILES[job.kind]}"
     # Every worker joins the pod's jax.distributed runtime (ift_jax.distributed).
-    env = f"env {shlex.join(('IFT_JAX_DISTRIBUTED=auto', *job.env))} "
+    run = (f"IFT_JAX_RUN_ID={run_id}",) if run_id else ()
+    env = f"env {shlex.join(('IFT_JAX_DISTRIBUTED=auto', *run, *job.env))} "
     alive = f'grep -qsF {q(pidfile.removeprefix("~/"))} "/proc/$old/cmdline"'
     return "; ".join([
         f"mkdir -p {LOGS}",
         f"cd {SRC} || exit 1",
-        f"marker={q(job.marker)}; logs={q(job.root + '/logs')}; host=$(hostname)",
+        f"marker={q(job.marker)}; logs={q(job.root + '/logs')}; summary={q(summary)}; "
+        "host=$(hostname)",
         f"old=$(cat {pidfile} 2>/dev/null)",
         # Only a live wrapper has the pidfile's name in its command line; a
         # reused pid or an unreaped one (empty cmdline) does not.
@@ -215,6 +227,11 @@ def job_script(job: Job) -> str:
         'while group_alive "$child"; do sleep 0.5; done',
         # Signalled means not done, whatever ift-jax returned (it exits 0 after saving).
         '[ -z "$stopped" ] || status=143',
+        # Exit 0 is done only if the workdir says so (a SIGTERM to ift-jax alone exits 0).
+        f'if [ "$status" -eq 0 ] && ! {{ gsutil -q cat "$summary" 2>/dev/null | '
+        f'{commands.finished_check(job.kind)}; }}; then '
+        f'echo "$host: ift-jax {job.kind} exited 0 but $summary does not say it finished '
+        f'(stopped early); not done" >&2; status=75; fi',
         f"rm -f {pidfile}",
         f'gsutil -q cp {log} "$logs/{job.kind}-$host.log"',
         'if [ "$status" -eq 0 ]; then echo done | gsutil -q cp - "$marker"; fi',
@@ -235,7 +252,7 @@ def setup_commands(tpu: Tpu, source: Source) -> list[list[str]]:
 
 
 def job_commands(tpu: Tpu, job: Job) -> list[list[str]]:
-    return [tpu.ssh(job_script(job), "all", KEEPALIVE)]
+    return [tpu.ssh(job_script(job, run_id=f"tpu-{tpu.name}"), "all", KEEPALIVE)]
 
 
 def describe_command(tpu: Tpu) -> list[str]:

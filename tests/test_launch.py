@@ -60,19 +60,33 @@ def _write(path, text):
 
 
 # Records its argv and distributed env; with $FAKE_OUT/wait present, runs until SIGTERM
-# (then exits 0, as ift-jax does after saving a checkpoint).
+# (then exits 0, as ift-jax does after saving a checkpoint). Like ift-jax it writes the
+# workdir's summary.json (gs:// paths land in $FAKE_GCS): finished unless stopped by a
+# signal or $FAKE_FINISHED=false; a sweep writes sweep_summary.csv.
 FAKE_IFT_JAX = """#!/bin/bash
 out="$FAKE_OUT/proc-${IFT_JAX_PROCESS_ID:-x}"
 printf '%s\\0' "$@" > "$out.argv"
-printf '%s\\n' "$IFT_JAX_COORDINATOR" "$IFT_JAX_NUM_PROCESSES" "$IFT_JAX_PROCESS_ID" > "$out.env"
+printf '%s\\n' "$IFT_JAX_COORDINATOR" "$IFT_JAX_NUM_PROCESSES" "$IFT_JAX_PROCESS_ID" \\
+  "$IFT_JAX_RUN_ID" > "$out.env"
+workdir=; for a in "$@"; do case "$a" in --workdir=*) workdir="${a#--workdir=}" ;; esac; done
+case "$workdir" in gs://*) workdir="$FAKE_GCS/${workdir#gs://}" ;; esac
+summary() {  # summary FINISHED
+  [ -n "$workdir" ] || return 0
+  mkdir -p "$workdir"
+  if [ "$1" = sweep ]; then  # One point; stopped if $FAKE_FINISHED=false.
+    state=finished; [ "$FAKE_FINISHED" = false ] && state=stopped
+    printf 'point,status\\nlr=1,%s\\n' "$state" > "$workdir/sweep_summary.csv"
+  else printf '{"finished": %s, "step": 1}\\n' "$1" > "$workdir/summary.json"; fi
+}
 if [ "$1" = sweep ]; then  # Like `ift-jax sweep`: one training subprocess per point.
-  IFT_JAX_PROCESS_ID=point "$0" train & wait; exit
+  IFT_JAX_PROCESS_ID=point "$0" train & wait; status=$?; summary sweep; exit $status
 fi
 if [ -e "$FAKE_OUT/wait" ]; then
-  trap 'echo term >> "$out.term"; exit 0' TERM
+  trap 'echo term >> "$out.term"; summary false; exit 0' TERM
   touch "$out.started"
   while :; do sleep 0.02; done
 fi
+summary "${FAKE_FINISHED:-true}"
 exit "${FAKE_STATUS:-0}"
 """
 
@@ -84,6 +98,7 @@ case "$1" in
       if [ "$2" = - ]; then cat > "$dst"; else cp "$2" "$dst"; fi ;;
   rm) rm "$(path "$2")" ;;
   stat) [ -e "$(path "$2")" ] ;;
+  cat) cat "$(path "$2")" ;;
 esac
 """
 
@@ -157,7 +172,8 @@ def test_train_dry_run_quotes_every_override_as_one_literal_argument():
                                       "--ssh-flag=-oServerAliveInterval=60"]
     assert outer[9].startswith("--command=") and len(outer) == 10
     inner = shlex.split(outer[9].removeprefix("--command="))  # ... and the worker's shell.
-    expected = ["env", "IFT_JAX_DISTRIBUTED=auto", "IFT_JAX_DATA_DIR=gs://bkt/my data",
+    expected = ["env", "IFT_JAX_DISTRIBUTED=auto", "IFT_JAX_RUN_ID=tpu-t5-pod",
+                "IFT_JAX_DATA_DIR=gs://bkt/my data",
                 "~/ift_jax_venv/bin/ift-jax",
                 "train", "--config=configs/flan_t5.py:size=base", "--workdir=gs://bkt/runs/a",
                 *[f"--config.data.note{i}={v}" for i, v in enumerate(NASTY)],
@@ -248,6 +264,29 @@ def test_worker_runs_the_argv_literally_and_marks_done_only_on_success(worker, s
     assert not list(pathlib.Path(env["HOME"]).rglob("PWNED"))
     assert (gcs / "bkt/runs/a/logs/train-worker-0.log").exists()
     assert (gcs / "bkt/runs/a/train_done").exists() == (status == 0)
+
+
+def test_worker_exit_0_without_a_finished_summary_is_not_done(worker):
+    env, out, gcs = worker
+    # ift-jax stopped by a SIGTERM sent to it alone: exit 0, summary.json finished false.
+    with _wrapper(tpu.job_script(_job()), {**env, "FAKE_FINISHED": "false"}) as proc:
+        assert proc.wait(timeout=10) == 75
+    assert (gcs / "bkt/runs/a/summary.json").exists()
+    assert not (gcs / "bkt/runs/a/train_done").exists()
+    # The run is resumed and finishes: now it is done.
+    with _wrapper(tpu.job_script(_job()), env) as proc:
+        assert proc.wait(timeout=10) == 0
+    assert (gcs / "bkt/runs/a/train_done").exists()
+
+
+@pytest.mark.parametrize("finished, status", [("true", 0), ("false", 75)])
+def test_worker_marks_a_sweep_done_only_when_every_point_finished(worker, finished, status):
+    env, out, gcs = worker
+    with _wrapper(tpu.job_script(_job(kind="sweep", overrides=())),
+                  {**env, "FAKE_FINISHED": finished}) as proc:
+        assert proc.wait(timeout=10) == status
+    assert (gcs / "bkt/runs/a/sweep_summary.csv").exists()
+    assert (gcs / "bkt/runs/a/sweep_done").exists() == (status == 0)
 
 
 def test_worker_signalled_mid_run_is_not_done_though_ift_jax_exits_0(worker):
@@ -431,15 +470,32 @@ for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do wait "$p"; done; do
 
 def test_sbatch_script_gives_each_node_its_process_id_and_the_literal_argv(cluster):
     tmp_path, env, out = cluster
-    job = _slurm_job(port=None)
+    job = _slurm_job(port=None, workdir=str(tmp_path / "runs" / "my run"))
     (tmp_path / "job.sbatch").write_text(slurm.sbatch_script(job))
     subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=env, cwd=tmp_path, check=True,
                    capture_output=True)
     for process in (0, 1):
-        coordinator, count, process_id = (out / f"proc-{process}.env").read_text().split("\n")[:3]
+        coordinator, count, process_id, run_id = (
+            out / f"proc-{process}.env").read_text().split("\n")[:4]
         assert (coordinator, count, process_id) == ("node07:24242", "2", str(process))
+        assert run_id == "slurm-4242"  # The same across requeues: the run lock's owner.
         assert _argv_of(out, f"proc-{process}") == job.train_argv()[1:]
     assert not list(tmp_path.rglob("PWNED")) and not (out / "scontrol").exists()
+
+
+@pytest.mark.parametrize("finished, status, requeued", [("true", 0, False), ("false", 75, True)])
+def test_sbatch_script_completes_only_a_finished_run(cluster, finished, status, requeued):
+    tmp_path, env, out = cluster
+    job = _slurm_job(workdir=str(tmp_path / "run"))
+    (tmp_path / "job.sbatch").write_text(slurm.sbatch_script(job))
+    # Tasks that exit 0 unfinished: a SIGTERM reached them but not the batch shell.
+    result = subprocess.run(["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path,
+                            env={**env, "FAKE_FINISHED": finished}, capture_output=True,
+                            text=True)
+    assert result.returncode == status, result.stderr
+    assert (out / "scontrol").exists() == requeued
+    if requeued:
+        assert "does not say it finished" in result.stderr
 
 
 @pytest.mark.parametrize("restarts,requeued", [("0", True), ("20", False)])

@@ -90,7 +90,11 @@ def test_tiny_presets_run_and_summarize_and_skip_finished_points(config, names, 
         assert trainable["lora"] == trainable["qlora"]
     assert os.path.exists(f"{root}/sweep_summary.md") and os.path.exists(
         f"{root}/sweep_summary.png")
-    capsys.readouterr()
+    lines = capsys.readouterr().out.splitlines()  # One progress line per point, with an ETA.
+    progress = [line for line in lines if line.startswith("sweep: ")]
+    assert len(progress) == len(names) and progress[0].startswith(
+        f"sweep: 1/{len(names)} points ({100 // len(names)}%), {names[0]} done, elapsed ")
+    assert ", ETA " in progress[0] and ", ETA " not in progress[-1]
     assert cli.main(["sweep", f"--config={config}:tiny", f"--workdir={root}", "--dry_run"]) == 0
     assert all(line.endswith("# finished, skipped")
                for line in capsys.readouterr().out.splitlines())

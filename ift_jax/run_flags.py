@@ -1,0 +1,192 @@
+"""The flags of `ift-jax train` and `ift-jax sweep`, and their `--help`.
+
+Both take `--config=FILE[:arg]` (default configs/default.py), `--workdir` and any
+number of `--config.KEY=VALUE` overrides (absl + ml_collections, as big_vision
+and t5x users know them). The config file is loaded first, by
+`config_files.load`, so a missing or broken file is one line naming file and
+line; then absl applies the overrides to it. Positional arguments and anything
+after `--` are refused: absl would ignore them and the embedded default would
+train instead of what the user meant. `--help`, `-h` and `--helpfull` print the
+usage, the flags and the chosen config's tree with every value and comment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+from absl import flags
+from ml_collections import config_dict, config_flags
+
+from ift_jax import config_checks, config_diff, config_files, config_help
+from ift_jax.errors import ConfigError
+
+HELP_FLAGS = ("--help", "-h", "--helpfull")
+
+TRAIN_USAGE = """\
+usage: ift-jax train [--config=FILE[:arg]] --workdir=DIR [--config.KEY=VALUE ...]
+                     [--allow_config_changes=KEY,...] [--verbose]
+
+Trains a T5 with the config's method, evaluating as `eval` says; resumes from
+WORKDIR's latest checkpoint when it has one (else init_from, else scratch).
+
+flags:
+  --config=FILE[:arg]   config file; FILE's get_config(arg) builds the config
+                        (default: configs/default.py, the embedded default)
+  --workdir=DIR         the run's folder: checkpoints, metrics, eval, report
+  --config.KEY=VALUE    set any field below, e.g. --config.train.steps=100
+  --allow_config_changes=KEY,...
+                        resume although these fields (or sections, e.g. eval)
+                        differ from WORKDIR/config.json
+  --verbose             keep the start-up logging of TensorFlow, XLA and absl
+                        (also: IFT_JAX_VERBOSE=1)
+  -h, --help, --helpfull
+                        this help (with --config=FILE: that config)
+"""
+
+SWEEP_USAGE = """\
+usage: ift-jax sweep --config=FILE[:arg] --workdir=ROOT [--dry_run] [--in_process]
+                     [--config.KEY=VALUE ...] [--verbose]
+
+Runs each point of FILE's get_sweep(arg) as its own `ift-jax train` in
+ROOT/<point>/ (finished points are skipped) and writes ROOT/sweep_summary.*.
+
+flags:
+  --config=FILE[:arg]   a config file that also defines get_sweep(arg)
+  --workdir=ROOT        one workdir per point below it
+  --dry_run             print the points' commands, run nothing
+  --in_process          run the points in this process (no start-up per point)
+  --config.KEY=VALUE    set a field of every point, e.g. --config.train.steps=10
+  --verbose             keep the start-up logging of TensorFlow, XLA and absl
+  -h, --help, --helpfull
+                        this help (with --config=FILE: that config and its points)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFlags:
+    """What `ift-jax train`'s command line says."""
+    config: config_dict.ConfigDict
+    config_spec: str
+    workdir: Optional[str]
+    allow_config_changes: tuple[str, ...] = ()
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    return any(arg in HELP_FLAGS for arg in argv)
+
+
+def config_spec(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """(`FILE[:arg]` of `--config=` or `--config FILE`, argv without it)."""
+    specs, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config="):
+            specs.append(arg[len("--config="):])
+        elif arg == "--config" and i + 1 < len(argv):
+            specs.append(argv[i + 1])
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    if len(specs) > 1:
+        raise ConfigError(f"--config given {len(specs)} times ({', '.join(specs)}); give one "
+                          f"config file and set fields with --config.KEY=VALUE")
+    return (specs[0] if specs else config_files.default_path()), rest
+
+
+def _refuse_stray_arguments(command: str, argv: Sequence[str]) -> None:
+    if "--" in argv:
+        after = list(argv[argv.index("--") + 1:])
+        raise ConfigError(f"ift-jax {command} does not take arguments after '--' (got "
+                          f"{after}); give flags such as --config.train.steps=100 before it, "
+                          f"without '--'")
+
+
+def parse_train(argv: Sequence[str], require_workdir: bool = True,
+                validate: bool = True) -> TrainFlags:
+    """`ift-jax train`'s argv (after the command name) -> `TrainFlags`.
+
+    Raises:
+      ConfigError: a missing or broken config file, an unknown flag or config key,
+        a positional argument, `--`, a missing `--workdir`, or a config value
+        `config_checks.validate` refuses.
+    """
+    _refuse_stray_arguments("train", argv)
+    spec, rest = config_spec(argv)
+    config = config_files.load(spec)
+    values = flags.FlagValues()
+    prog = "ift-jax train"
+    try:
+        # The override flags (--config.a.b=v) are found in `sys_argv`.
+        config_flags.DEFINE_config_dict("config", config, flag_values=values,
+                                        lock_config=True, sys_argv=[prog, *rest])
+        flags.DEFINE_string("workdir", None, "run directory", flag_values=values)
+        flags.DEFINE_list("allow_config_changes", [], "fields a resume may change",
+                          flag_values=values)
+        positional = values([prog, *rest])[1:]
+        config = values.config
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        raise ConfigError(unknown_key_message(config, rest) or _flag_error(e)) from None
+    if positional:
+        raise ConfigError(f"unexpected argument {positional[0]!r}: ift-jax train takes flags "
+                          f"only (--config=FILE, --workdir=DIR, --config.KEY=VALUE)")
+    if require_workdir and not values.workdir:
+        raise ConfigError("--workdir is required")
+    allowed = tuple(values.allow_config_changes)
+    config_diff.check_allowed_keys(allowed, config)
+    if validate:
+        config_checks.validate(config)
+    return TrainFlags(config, spec, values.workdir, allowed)
+
+
+def _flag_error(error: Exception) -> str:
+    """absl's first line, plus the last line of a traceback it quotes."""
+    lines = [line for line in str(error).splitlines() if line.strip()] or [str(error)]
+    first, last = lines[0], lines[-1]
+    if "Traceback" in str(error) and last != first:
+        return f"{first.rstrip(':')}: {last}"
+    return first
+
+
+def unknown_key_message(config: Any, argv: Sequence[str]) -> Optional[str]:
+    """Names the first `--config.a.b=v` whose key does not exist, and the valid keys."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, path = config, arg[len("--config."):].split("=", 1)[0].split(".")
+        for depth, key in enumerate(path):
+            if not hasattr(node, "keys") or key not in node:
+                where = ".".join(path[:depth]) or "config"
+                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none)"
+                return f"unknown config key {'.'.join(path)!r}; valid keys of {where}: {valid}"
+            node = node[key]
+    return None
+
+
+def config_tree(config: Any, spec: str) -> str:
+    """`config (SPEC): ...` and the tree with values and comments."""
+    paths = [config_files.module_file(spec)]
+    if paths[0] != config_files.default_path():
+        paths.append(config_files.default_path())
+    comments, order = config_help.merged_comments(paths)
+    return (f"config {config_files.display_spec(spec)} (every field with its value and "
+            f"comment; set one with --config.KEY=VALUE):\n"
+            + config_help.format_tree(config, comments, order))
+
+
+def train_help(argv: Sequence[str]) -> str:
+    """The text `ift-jax train --help` prints (the config with argv's overrides)."""
+    parsed = parse_train([a for a in argv if a not in HELP_FLAGS], require_workdir=False,
+                         validate=False)
+    return f"{TRAIN_USAGE}\n{config_tree(parsed.config, parsed.config_spec)}"
+
+
+def sweep_help(argv: Sequence[str], points: Sequence[tuple[str, list[str]]] = ()) -> str:
+    """The text `ift-jax sweep --help` prints; `points`: (name, overrides) of get_sweep."""
+    spec, _ = config_spec([a for a in argv if a not in HELP_FLAGS])
+    text = f"{SWEEP_USAGE}\n{config_tree(config_files.load(spec), spec)}"
+    if points:
+        text += f"\npoints of get_sweep() ({len(points)}), one workdir each:\n" + "".join(
+            f"  {name}: {' '.join(flags_)}\n" for name, flags_ in points)
+    return text
