@@ -18,7 +18,10 @@ the untuned model with k exemplars):
   `{"inputs": str, "references": [str, ...], "prediction": str}` — exactly the
   strings the metrics were computed on — plus, when measured, `choices` and
   `choice_prediction`, and the row's `target_log_likelihood`, `target_correct`
-  and `target_tokens`; every score is recomputable from these rows alone;
+  and `target_tokens`; `generation` (the decoded text, when the task's
+  postprocessing extracted the prediction from it, e.g. BBH's chain of
+  thought) and `group` (rows a metric scores together, e.g. MultiRC's
+  questions); every score is recomputable from these rows alone;
 - `eval/<point>.json`: `{"step": N, "tasks": {task: {metric: value, ...}}}`
   (+ `guard_tasks`, and `shots` for in-context points). It is written last:
   its presence means the point is done.
@@ -171,6 +174,10 @@ def evaluate_task(task: seqio.Task, predict_fn: PredictFn, spec: EvalSpec,
         references = [references] if isinstance(references, str) else list(references)
         row = {"inputs": _text(example["inputs_pretokenized"]), "references": references,
                "prediction": prediction}
+        if prediction != text.strip():  # An extracted answer (BBH CoT): keep what was said.
+            row["generation"] = text
+        if _text(example.get("group", b"")):  # Scored together (MultiRC's questions).
+            row["group"] = _text(example["group"])
         if bad:
             row["invalid_utf8"] = True
         if int(_text(example.get("shots", b"0"))):
@@ -197,7 +204,10 @@ def score(task: seqio.Task, rows: Sequence[dict], metric_names: Sequence[str] = 
     metric_fns = [metrics_lib.get(n) for n in metric_names] or task.metric_fns
     results: dict[str, float] = {}
     for metric_fn in metric_fns:
-        results.update({k: float(v) for k, v in metric_fn(targets, predictions).items()})
+        extra = ({"groups": [r.get("group", "") for r in rows]}
+                 if metrics_lib.takes_groups(metric_fn) else {})
+        results.update({k: float(v)
+                        for k, v in metric_fn(targets, predictions, **extra).items()})
     ranked = [r for r in rows if "choice_prediction" in r]
     if ranked:
         results["rank_accuracy"] = metrics_lib.accuracy(

@@ -92,13 +92,16 @@ class FileSource(RecordSource):
 
     Either `files` maps each split to its file(s), or `hash_split` maps split
     names to fractions and `files` has the one file (under any key) whose
-    records are split deterministically by a hash of their id.
+    records are split deterministically by a hash of their id. `reader(path)`
+    turns one file into records (default `records.read_records`); datasets in
+    a layout of their own (headerless TSV, nested JSON) pass theirs.
     """
 
     def __init__(self, name: str, subdir: str, files: Mapping[str, str | Sequence[str]],
                  fields: Sequence[str], *, id_field: Optional[str] = None,
                  prepare: Optional[Prepare] = None,
-                 hash_split: Optional[Mapping[str, float]] = None, split_seed: int = 0):
+                 hash_split: Optional[Mapping[str, float]] = None, split_seed: int = 0,
+                 reader: Callable[[str], list[dict]] = records_lib.read_records):
         splits = tuple(hash_split) if hash_split else tuple(files)
         super().__init__(name, fields, splits, prepare)
         self.subdir = subdir
@@ -106,6 +109,7 @@ class FileSource(RecordSource):
         self.id_field = id_field
         self.hash_split = dict(hash_split) if hash_split else None
         self.split_seed = split_seed
+        self.reader = reader
         if self.hash_split and len(self.files) != 1:
             raise ValueError(f"source {name!r}: hash_split needs exactly one file entry")
 
@@ -131,7 +135,7 @@ class FileSource(RecordSource):
     def _records_of(self, key: str) -> list[tuple[str, dict]]:
         out = []
         for path in self.paths(key):
-            for index, record in enumerate(records_lib.read_records(path)):
+            for index, record in enumerate(self.reader(path)):
                 out.append((self._id_of(record, path, index), record))
         return out
 
