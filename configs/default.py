@@ -73,6 +73,9 @@ def get_config(arg=None):
     c.eval.max_decode_length = 64
     c.eval.num_beams = 1  # 1 = greedy; >1 = beam search (HF's length penalty).
     c.eval.length_penalty = 1.0
+    # How rougeLsum finds sentences: "pysbd" (rule-based, offline), "t5" (the t5
+    # library's split at " . ", which untokenized text never has), or "none".
+    c.eval.rouge_sentence_split = "pysbd"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"

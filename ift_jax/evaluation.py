@@ -373,6 +373,7 @@ class RunEvaluator:
     def __init__(self, config, model, workdir: str):
         self.config, self.model, self.workdir = config, model, workdir
         self.spec = spec_from_config(config)
+        metrics_lib.set_rouge_sentence_split(config.eval.get("rouge_sentence_split", "pysbd"))
 
     def _fns(self, params) -> tuple[PredictFn, ScoreFn]:
         e = self.config.eval
