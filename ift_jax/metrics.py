@@ -353,7 +353,10 @@ def multirc_f1a_em(targets: Sequence[Target], predictions: Sequence[str], *,
 
 def takes_groups(metric_fn: Callable[..., dict[str, float]]) -> bool:
     """Whether `metric_fn` scores groups of rows (takes `groups=`)."""
-    return "groups" in inspect.signature(metric_fn).parameters
+    try:
+        return "groups" in inspect.signature(metric_fn).parameters
+    except (TypeError, ValueError):  # Callables without a signature take no groups.
+        return False
 
 
 # --- calibration -----------------------------------------------------------------------

@@ -56,7 +56,8 @@ from ift_jax.tasks.glue_files import LOCAL
 SPLITS = {"train": "train", "validation": "validation"}
 MNLI_SPLITS = {"train": "train", "validation": "validation_matched"}
 NLI3 = ("yes", "it is not possible to tell", "no")
-CB_OPTIONS = ("yes", "no", "it is not possible to tell")  # TFDS: entailment, contradiction, neutral.
+# TFDS CB labels: entailment, contradiction, neutral.
+CB_OPTIONS = ("yes", "no", "it is not possible to tell")
 
 
 @dataclasses.dataclass(frozen=True)

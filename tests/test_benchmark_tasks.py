@@ -68,8 +68,8 @@ def _original_prompt(subject, index, shots):
         prompt += "\nAnswer:"
         return prompt + (f" {'ABCD'[int(row[5])]}\n\n" if include_answer else "")
 
-    subject_words = "".join(" " + entry for entry in subject.split("_"))
-    prompt = f"The following are multiple choice questions (with answers) about {subject_words}.\n\n"
+    words = "".join(" " + entry for entry in subject.split("_"))
+    prompt = f"The following are multiple choice questions (with answers) about {words}.\n\n"
     prompt += "".join(format_example(row) for row in rows("dev")[:shots])
     return prompt + format_example(rows("test")[index], include_answer=False)
 
