@@ -124,6 +124,21 @@ def test_mmlu_incontext_fit_drops_exemplars_from_the_end_like_the_original():
     assert fitted["inputs"][0] == _original_prompt("anatomy", 0, 4)
 
 
+def test_first_k_exemplar_order_is_checked_and_needs_enough_exemplars():
+    with pytest.raises(ValueError, match="exemplar_order 'last'; orders: random, first"):
+        instructions.Rendering(exemplar_order="last")
+    source = mmlu.make_source("anatomy")
+    task = instructions.register_task(
+        "test_mmlu_6shot_anatomy", source, [mmlu.TEMPLATE],
+        rendering=instructions.Rendering(num_shots=6, exemplar_split="dev",
+                                         exemplar_order="first"))
+    try:
+        with pytest.raises(ValueError, match="cannot take 6 exemplars from 5 in split 'dev'"):
+            task.source.rendered("test")
+    finally:
+        seqio.TaskRegistry.remove("test_mmlu_6shot_anatomy")
+
+
 # --- BIG-Bench Hard ----------------------------------------------------------------------
 
 
