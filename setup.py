@@ -27,6 +27,10 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1,<4",
     "rouge-score>=0.1.2,<0.2",
     "sacrebleu>=2.4,<3",
+    # GLUE/SuperGLUE leaderboard metrics (MCC, F1, macro F1; scipy comes with it).
+    "scikit-learn>=1.5,<2",
+    # rougeLsum's sentence splitting: rule-based, no model download (nltk's punkt needs one).
+    "pysbd>=0.3.4,<0.4",
     # Reports: plots of a run's metrics (`ift-jax report`).
     "matplotlib>=3.9,<3.11",
     # Progress bars with an ETA on a terminal (ift_jax.progress); plain lines in logs.
@@ -46,6 +50,9 @@ EXTRAS_REQUIRE = {
         "nbclient>=0.10,<0.12",
         "nbformat>=5.10,<6",
         "ipykernel>=6.29,<8",
+        # The calibration library HELM computes its ECE with: the reference in
+        # tests/test_leaderboard_metrics.py.
+        "uncertainty-calibration>=0.1.4,<0.2",
     ],
     # Parity tests against the reference and importing `.bin` checkpoints.
     # torch is pinned exactly: a looser range pulls a multi-GB CUDA build.

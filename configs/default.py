@@ -66,6 +66,11 @@ def get_config(arg=None):
     # eval: forgetting = their change from step 0 (report/forgetting.json).
     c.eval.guard_tasks = ""
     c.eval.incontext_shots = ""  # e.g. "0,1,3": the starting model with k exemplars.
+    # Held-out benchmark suites (ift_jax.suites), each by its paper's protocol, at step 0
+    # and every eval: mmlu_0shot, mmlu_5shot, bbh_direct, bbh_cot, glue, superglue.
+    c.eval.suites = ""
+    c.eval.suite_max_examples = 0  # Per suite task; 0 = the whole split.
+    c.eval.suite_inputs_length = 0  # 0 = the suite's own (fits its longest prompts).
     c.eval.metrics = ""  # Metric names replacing the tasks' own; empty = the tasks'.
     c.eval.split = "validation"
     c.eval.max_examples = 64  # Per task; 0 = the whole split.
@@ -76,6 +81,9 @@ def get_config(arg=None):
     c.eval.max_decode_length = 64
     c.eval.num_beams = 1  # 1 = greedy; >1 = beam search (HF's length penalty).
     c.eval.length_penalty = 1.0
+    # How rougeLsum finds sentences: "pysbd" (rule-based, offline), "t5" (the t5
+    # library's split at " . ", which untokenized text never has), or "none".
+    c.eval.rouge_sentence_split = "pysbd"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"

@@ -17,13 +17,13 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
-from ift_jax import fileio
+from ift_jax import errors, fileio
 
 STATE = "state"
 META = "meta"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.CheckpointError):
     """The workdir holds checkpoints of a different model or training method."""
 
 
@@ -85,5 +85,6 @@ def check_fingerprint(saved: dict, current: dict, where: str) -> None:
              for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:
         raise CheckpointMismatchError(
-            f"{where} holds checkpoints of a different run ({'; '.join(diffs)}); use another "
-            f"--workdir, or delete the checkpoints to start over")
+            f"{where} holds checkpoints of a different run ({'; '.join(diffs)}); train this "
+            f"config in another --workdir (that run's checkpoints and config.json are "
+            f"untouched)")

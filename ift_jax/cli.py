@@ -4,9 +4,9 @@ Subcommands are added as the features behind them land; each one here works.
 Flag parsing lives here (and, for `train` / `sweep`, in `ift_jax.run_flags`)
 and nowhere in the library.
 
-Errors: a `UserError` (and, until every module raises that family, a
-`ValueError`, `FileNotFoundError` or `KeyError`) is printed as one line
-`ift-jax COMMAND: error: ...` with exit status 2. `--verbose` (any command) or
+Errors: a `UserError` (`ift_jax.errors`) is printed as one line
+`ift-jax COMMAND: error: ...` with exit status 2; anything else is a bug (ours,
+or in a user's own task or metric function) and keeps its traceback. `--verbose` (any command) or
 `IFT_JAX_VERBOSE=1` keeps the libraries' start-up logging (`ift_jax.console`).
 
 Only stdlib, `console` and `errors` are imported up here; everything that
@@ -120,7 +120,7 @@ def _shots(text: str) -> list[int]:
     try:
         return [int(k) for k in text.split(",") if k.strip()]
     except ValueError:
-        raise ValueError(f"--incontext={text!r}: give shot counts like 0,1,3") from None
+        raise errors.ConfigError(f"--incontext={text!r}: give shot counts like 0,1,3") from None
 
 
 def _mesh(args: argparse.Namespace):
@@ -140,9 +140,9 @@ def _eval(args: argparse.Namespace) -> int:
               f"{args.workdir}; tables in {args.workdir}/report/")
         return 0
     if args.suites is not None or args.config:
-        raise ValueError("--suites and --config go with --init_from (a model without a "
-                         "run); a run is evaluated with the eval settings of its own "
-                         "config.json")
+        raise errors.ConfigError("--suites and --config go with --init_from (a model without a "
+                                 "run); a run is evaluated with the eval settings of its own "
+                                 "config.json")
     outcome = evaluator.evaluate_checkpoints(args.workdir, args.checkpoints, shots, _mesh(args))
     print(f"{outcome.summary()}; tables in {args.workdir}/report/")
     return 0 if not outcome.unreadable else 1
@@ -151,18 +151,34 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_only_config(args: argparse.Namespace):
     """The config of `ift-jax eval --init_from=DIR`: `--config` (default: the embedded
     default) with `init_from`, the benchmark suites or tasks, and no training mixture."""
-    from ift_jax import config_files
+    from ift_jax import config_files, suites
+    for suite in suites.parse(args.suites or ""):  # Unknown names and missing data first.
+        suites.check_data(suite)
     config = config_files.load(args.config or default_config_path())
     config.init_from = args.init_from
-    config.data.vocab = args.vocab or ""
+    config.data.vocab = args.vocab or _vocab_of(args.init_from)
     config.data.mixture = ""
     config.eval.tasks = args.tasks or ""
     config.eval.suites = args.suites or ""
     if args.incontext:
         config.eval.incontext_shots = args.incontext
     if args.max_examples is not None:
-        config.eval.max_examples = args.max_examples
+        config.eval.max_examples = config.eval.suite_max_examples = args.max_examples
     return config
+
+
+def _vocab_of(init_from: str) -> str:
+    """The vocabulary of a model to evaluate: its `spiece.model` (HF directory), or the
+    `data.vocab` of an ift_jax workdir."""
+    if os.path.exists(os.path.join(init_from, "spiece.model")):
+        return ""  # model_setup.vocabulary_spec finds it.
+    saved = os.path.join(init_from, "config.json")
+    if os.path.isdir(os.path.join(init_from, "checkpoints")) and os.path.exists(saved):
+        import json
+        with open(saved) as f:
+            return json.load(f).get("data", {}).get("vocab") or ""
+    raise errors.ConfigError(f"--init_from={init_from} has no spiece.model; pass --vocab=byte "
+                             f"or --vocab=PATH/spiece.model (the model's SentencePiece file)")
 
 
 def _add_eval_parser(sub) -> None:
@@ -194,7 +210,7 @@ def _add_eval_parser(sub) -> None:
                         help="with --init_from: vocabulary (default: the model's "
                              "spiece.model)")
     parser.add_argument("--max_examples", type=int, default=None,
-                        help="with --init_from: examples per task (0 = all)")
+                        help="with --init_from: examples per task and suite task (0 = all)")
     parser.set_defaults(run=_eval)
 
 
@@ -470,7 +486,7 @@ def use_compilation_cache() -> Optional[str]:
 
 # What the CLI reports as one line; anything else is a bug and keeps its traceback.
 # ValueError, FileNotFoundError and KeyError stay until every module raises UserError.
-USER_ERRORS = (errors.UserError, ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (errors.UserError,)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -487,7 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] in CONFIG_COMMANDS:
         try:
             return (_train if argv[0] == "train" else _sweep)(argv[1:])
-        except (*USER_ERRORS, AttributeError) as e:
+        except USER_ERRORS as e:
             print(f"ift-jax {argv[0]}: error: {e}", file=sys.stderr)
             return 2
     try:

@@ -19,6 +19,8 @@ from typing import Optional
 
 import jax
 
+from ift_jax import errors
+
 _initialized = False
 
 
@@ -40,9 +42,9 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     process_id = process_id if process_id is not None else _env_int("IFT_JAX_PROCESS_ID")
     if coordinator:
         if num_processes is None or process_id is None:
-            raise ValueError("multi-process run needs IFT_JAX_NUM_PROCESSES and "
-                             "IFT_JAX_PROCESS_ID (or --num_processes/--process_id) with "
-                             f"the coordinator {coordinator}")
+            raise errors.ConfigError("multi-process run needs IFT_JAX_NUM_PROCESSES and "
+                                     "IFT_JAX_PROCESS_ID (or --num_processes/--process_id) with "
+                                     f"the coordinator {coordinator}")
         # Only the CPU client reads this; asking `jax.default_backend()` here
         # would start the backends before `initialize`, which JAX refuses.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -40,3 +40,12 @@ class InputFileError(UserError, ValueError):
 
 class WorkdirInUseError(UserError, RuntimeError):
     """Another live process holds the workdir's run lock (`ift_jax.run_lock`)."""
+
+
+class MissingError(UserError, FileNotFoundError):
+    """A path the user named (workdir, init_from, data or vocabulary file) does not exist."""
+
+
+class TrainingError(UserError, FloatingPointError):
+    """Training cannot go on as configured (e.g. a non-finite loss); the message says
+    which step and what to change."""

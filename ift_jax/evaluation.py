@@ -18,7 +18,10 @@ the untuned model with k exemplars):
   `{"inputs": str, "references": [str, ...], "prediction": str}` — exactly the
   strings the metrics were computed on — plus, when measured, `choices` and
   `choice_prediction`, and the row's `target_log_likelihood`, `target_correct`
-  and `target_tokens`; every score is recomputable from these rows alone;
+  and `target_tokens`; `generation` (the decoded text, when the task's
+  postprocessing extracted the prediction from it, e.g. BBH's chain of
+  thought) and `group` (rows a metric scores together, e.g. MultiRC's
+  questions); every score is recomputable from these rows alone;
 - `eval/<point>.json`: `{"step": N, "tasks": {task: {metric: value, ...}}}`
   (+ `guard_tasks`, and `shots` for in-context points). It is written last:
   its presence means the point is done.
@@ -47,8 +50,10 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence
 import numpy as np
 import seqio
 
+from ift_jax import errors
 from ift_jax import fileio
 from ift_jax import metrics as metrics_lib
+from ift_jax.data import instructions
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # [batch, inputs_length] -> [batch, length]
 # ([batch, inputs_length], [batch, targets_length]) -> per row
@@ -102,6 +107,9 @@ class EvalSpec:
     guard_tasks: tuple[str, ...] = ()
     max_decode_length: int = 128
     suite: str = ""  # The benchmark suite these tasks make up, if any.
+    # k-shot tasks drop exemplars from the end until the input fits inputs_length
+    # (MMLU's protocol), instead of cutting the prompt's end (its question).
+    fit_exemplars: bool = False
 
     def __post_init__(self):
         for name in self.metrics:
@@ -114,8 +122,8 @@ def _examples(task: seqio.Task, spec: EvalSpec) -> list[dict]:
     limit = -1 if spec.max_examples is None else spec.max_examples
     examples = list(dataset.take(limit).as_numpy_iterator())
     if not examples:
-        raise ValueError(f"task {task.name!r}: split {spec.split!r} has no examples to "
-                         f"evaluate")
+        raise errors.DataError(f"task {task.name!r}: split {spec.split!r} has no examples to "
+                                     f"evaluate")
     return examples
 
 
@@ -244,6 +252,10 @@ def evaluate_task(task: seqio.Task, predictor, spec: EvalSpec,
         references = [references] if isinstance(references, str) else list(references)
         row = {"inputs": _text(example["inputs_pretokenized"]), "references": references,
                "prediction": prediction}
+        if prediction != text.strip():  # An extracted answer (BBH CoT): keep what was said.
+            row["generation"] = text
+        if _text(example.get("group", b"")):  # Scored together (MultiRC's questions).
+            row["group"] = _text(example["group"])
         if bad:
             row["invalid_utf8"] = True
         if int(_text(example.get("shots", b"0"))):
@@ -272,7 +284,10 @@ def score(task: seqio.Task, rows: Sequence[dict], metric_names: Sequence[str] = 
     metric_fns = [metrics_lib.get(n) for n in metric_names] or task.metric_fns
     results: dict[str, float] = {}
     for metric_fn in metric_fns:
-        results.update({k: float(v) for k, v in metric_fn(targets, predictions).items()})
+        extra = ({"groups": [r.get("group", "") for r in rows]}
+                 if metrics_lib.takes_groups(metric_fn) else {})
+        results.update({k: float(v)
+                        for k, v in metric_fn(targets, predictions, **extra).items()})
     ranked = [r for r in rows if "choice_prediction" in r]
     if ranked:
         results["rank_accuracy"] = metrics_lib.accuracy(
@@ -321,18 +336,15 @@ def write_step(workdir: str, step: int, results: dict[str, dict[str, float]],
     return _write_point(workdir, f"step_{step}", payload, rows)
 
 
-def calibration_error(rows: Sequence[dict], num_bins: int = 10) -> float:
-    """Expected calibration error (in %) of rank classification: each row's confidence
-    is the softmax over its choices' log-likelihoods at the chosen choice, and it is
-    correct when that choice is a reference."""
-    confidences, correct = [], []
-    for row in rows:
-        lls = np.asarray(row["choice_log_likelihoods"], np.float64)
-        probs = np.exp(lls - lls.max())
-        probs /= probs.sum()
-        confidences.append(float(probs.max()))
-        correct.append(row["choice_prediction"] in row["references"])
-    return 100.0 * metrics_lib.expected_calibration_error(confidences, correct, num_bins)
+def calibration_error(rows: Sequence[dict]) -> float:
+    """Expected calibration error (x 100, HELM's 10 equal-mass bins) of rank
+    classification: a row's confidence is the softmax over its choices'
+    log-likelihoods at the chosen choice, and it is correct when that choice is a
+    reference."""
+    confidences = [max(metrics_lib.choice_probabilities(r["choice_log_likelihoods"]))
+                   for r in rows]
+    correct = [r["choice_prediction"] in r["references"] for r in rows]
+    return metrics_lib.expected_calibration_error(confidences, correct)
 
 
 def robustness(task: seqio.Task, rows: Sequence[dict], metric_names: Sequence[str] = ()
@@ -389,7 +401,7 @@ def _evaluate_specs(specs: Sequence[EvalSpec], predictor, score_fn: Optional[Sco
         for name in spec.tasks:
             if progress:
                 progress(name)
-            task = task_of(name)
+            task = _fitted(name, spec.inputs_length) if spec.fit_exemplars else task_of(name)
             result.tasks[name], result.rows[name] = evaluate_task(task, model, spec)
             spread = robustness(task, result.rows[name], spec.metrics)
             if spread:
@@ -398,6 +410,13 @@ def _evaluate_specs(specs: Sequence[EvalSpec], predictor, score_fn: Optional[Sco
             result.suites[spec.suite] = aggregate(
                 spec.suite, {t: result.tasks[t] for t in spec.tasks})
     return result
+
+
+def _fitted(name: str, inputs_length: int) -> seqio.Task:
+    """Task `name`, its k exemplars (if any) dropped from the end until the input fits."""
+    task = seqio.get_mixture_or_task(name)
+    shots = getattr(getattr(task.source, "rendering", None), "num_shots", 0)
+    return instructions.with_shots(name, shots, inputs_length) if shots else task
 
 
 def _specs(spec: EvalSpec | Sequence[EvalSpec]) -> list[EvalSpec]:
@@ -437,7 +456,6 @@ def evaluate_incontext(workdir: str, shots: int, predictor,
     the end until the input fits `spec.inputs_length`), written as
     `eval/incontext_<k>shot.json` with the mean number of exemplars used.
     Benchmark suites (specs with a `suite`) bring their own shots and are left out."""
-    from ift_jax.data import instructions
     specs = [s for s in _specs(spec) if not s.suite]
     lengths = {name: s.inputs_length for s in specs for name in s.tasks}
     result = _evaluate_specs(

@@ -28,7 +28,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ift_jax import evaluation, fileio, inference, model_setup, report, runs
+from ift_jax import errors
+from ift_jax import evaluation, fileio, inference, model_setup, report, runs, suites
+from ift_jax import metrics as metrics_lib
 from ift_jax.data import inspection
 from ift_jax.data.vocabularies import TASK_VOCABULARY
 
@@ -62,17 +64,37 @@ def _task_names(names: Sequence[str]) -> list[str]:
 
 def spec_from_config(config: ml_collections.ConfigDict) -> list[evaluation.EvalSpec]:
     """The run's `EvalSpec`s (`config.eval`, `config.data`): its eval tasks (default:
-    those of `data.mixture`) followed by the guard tasks."""
+    those of `data.mixture`) followed by the guard tasks, then one spec per
+    benchmark suite of `eval.suites`, with the suite's split, lengths and protocol
+    (k-shot prompts drop exemplars from the end until they fit, as MMLU's code does)."""
     e = config.eval
     names = evaluation._names
+    specs = []
     tasks = _task_names(names(e.tasks) or names(config.data.mixture))
     guards = [t for t in _task_names(names(e.get("guard_tasks", ""))) if t not in tasks]
-    if not tasks and not guards:
-        return []
-    return [evaluation.EvalSpec(
-        tuple(tasks + guards), e.split, config.data.inputs_length, e.batch_size,
-        e.max_examples or None, config.data.targets_length, tuple(names(e.get("metrics", ""))),
-        tuple(guards), e.max_decode_length)]
+    if tasks or guards:
+        specs.append(evaluation.EvalSpec(
+            tuple(tasks + guards), e.split, config.data.inputs_length, e.batch_size,
+            e.max_examples or None, config.data.targets_length,
+            tuple(names(e.get("metrics", ""))), tuple(guards), e.max_decode_length))
+    for suite in suites.parse(e.get("suites", "")):
+        specs.append(evaluation.EvalSpec(
+            suite.tasks, suite.split, e.get("suite_inputs_length", 0) or suite.inputs_length,
+            e.batch_size, e.get("suite_max_examples", 0) or None, config.data.targets_length,
+            max_decode_length=suite.max_decode_length, suite=suite.name, fit_exemplars=True))
+    return specs
+
+
+def check_suites(config: ml_collections.ConfigDict) -> None:
+    """Refuses unknown suites of `eval.suites` (listing the suites) and suites whose data
+    folder is missing (naming it and its SOURCE.md), before any work."""
+    for suite in suites.parse(config.eval.get("suites", "")):
+        suites.check_data(suite)
+
+
+def aggregate(suite: str, per_task: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A suite's aggregates from its tasks' scores (`suites.Suite.aggregate`)."""
+    return suites.get(suite).aggregate(per_task)
 
 
 def pending_incontext(config: ml_collections.ConfigDict, workdir: str) -> list[int]:
@@ -87,7 +109,9 @@ class RunEvaluator:
     def __init__(self, config: ml_collections.ConfigDict, model: Any, workdir: str,
                  mesh: jax.sharding.Mesh):
         self.config, self.model, self.workdir, self.mesh = config, model, workdir, mesh
+        check_suites(config)
         self.specs = spec_from_config(config)
+        metrics_lib.set_rouge_sentence_split(config.eval.get("rouge_sentence_split", "pysbd"))
 
     def inference(self, params: Any) -> inference.Inference:
         e, d = self.config.eval, self.config.data
@@ -112,7 +136,7 @@ class RunEvaluator:
 
     def step(self, step: int, params: Any) -> dict[str, dict[str, float]]:
         result = evaluation.evaluate(self.workdir, step, self.inference(params), self.specs,
-                                     write_files=_is_main())
+                                     aggregate=aggregate, write_files=_is_main())
         if _is_main():
             self._log(f"eval step {step}", result)
             report.write_tables(self.workdir)
@@ -164,7 +188,7 @@ def _which_steps(steps: list[int], which: str, workdir: str) -> list[int]:
     if which == "all":
         return steps
     if int(which) not in steps:
-        raise ValueError(f"{workdir} has no checkpoint {which}; steps: {steps}")
+        raise errors.CheckpointError(f"{workdir} has no checkpoint {which}; steps: {steps}")
     return [int(which)]
 
 
@@ -222,6 +246,7 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str,
     """The starting model of `config` (its `init_from`, e.g. an HF directory) evaluated
     as step 0 of `workdir`, which gets the run's `config.json` as a training run does:
     `ift-jax report` and later `ift-jax eval` read it the same way."""
+    check_suites(config)
     model_setup.prepare_data(config)
     if _is_main():
         fileio.makedirs(workdir)
@@ -251,13 +276,14 @@ def read_inputs(path: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+                raise errors.InputFileError(f"{path}:{number}: not JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("inputs"), str):
-                raise ValueError(f"{path}:{number}: each line must be an object with a string "
+                raise errors.InputFileError(f"{path}:{number}: each line must be an object with "
+                                            f"a string "
                                  f"'inputs' field, e.g. {{\"inputs\": \"Summarize: ...\"}}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no rows to predict")
+        raise errors.InputFileError(f"{path}: no rows to predict")
     return rows
 
 

@@ -16,6 +16,7 @@ from typing import Optional
 
 import jax
 
+from ift_jax import errors
 from ift_jax import hf, model_setup, peft, runs
 from ift_jax.models import t5
 
@@ -35,9 +36,9 @@ def export_hf(workdir: str, output: str, step: Optional[int] = None,
     """Writes the run as an HF directory (merged); returns a summary line."""
     setup, params, step = _read(workdir, step, mesh)
     if setup.method == "prompt":
-        raise ValueError("--format=hf writes a plain T5, and a prompt-tuned run has none: "
-                         "its prompt is an input, not a weight; use ift-jax predict/eval "
-                         "with the run itself")
+        raise errors.ConfigError("--format=hf writes a plain T5, and a prompt-tuned run has none: "
+                                 "its prompt is an input, not a weight; use ift-jax predict/eval "
+                                 "with the run itself")
     plain = runs.host_params(runs.plain_params(setup, params))
     if jax.process_index() == 0:
         hf.save_t5(output, setup.t5_config.replace(dtype=t5.T5Config().dtype), plain)
@@ -52,8 +53,8 @@ def export_peft(workdir: str, output: str, step: Optional[int] = None,
     if setup.method not in ("lora", "qlora"):
         advice = ("use --format=hf for the whole model" if setup.method == "full"
                   else "this method has no PEFT-format export yet")
-        raise ValueError(f"--format=peft exports LoRA adapters; this run's method is "
-                         f"{setup.method!r} ({advice})")
+        raise errors.ConfigError(f"--format=peft exports LoRA adapters; this run's method is "
+                                 f"{setup.method!r} ({advice})")
     cfg = model_setup.lora_config(setup.config.peft, quantize=setup.method == "qlora")
     base = setup.config.init_from or ""
     adapter = runs.host_params(peft.split_params(params, peft.trainable_mask(

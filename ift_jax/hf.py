@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from ift_jax import errors
 from ift_jax.models.t5 import T5Config
 
 SAFETENSORS = "model.safetensors"
@@ -55,7 +56,7 @@ _HF_DEFAULTS = dict(num_decoder_layers=None, relative_attention_num_buckets=32,
 _HF_REQUIRED = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.CheckpointError):
     """A checkpoint directory that cannot be read as (or written to) a HF T5."""
 
 

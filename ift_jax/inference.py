@@ -64,8 +64,8 @@ class Inference:
       model: a `t5.Transformer` or PEFT-wrapped one built for evaluation.
       params: its full param tree on `mesh` (any sharding).
       batch_size: rows per global batch (rounded up to the batch shards).
-      inputs_length / targets_length: the longest input and target; longer
-        rows are cut (inputs keep their first tokens; callers keep EOS).
+      inputs_length / targets_length: the usual longest input and target; the
+        buckets are fractions of these (or of the longest row, if longer).
       num_buckets: how many padded lengths each of inputs and targets may take.
     """
 
@@ -76,8 +76,8 @@ class Inference:
         self.sharding = partitioning.batch_sharding(mesh)
         shards = math.prod(mesh.shape[a] for a in _batch_axes(self.sharding))
         self.batch_size = math.ceil(max(batch_size, 1) / shards) * shards
-        self.input_buckets = bucket_lengths(inputs_length, num_buckets)
-        self.target_buckets = bucket_lengths(targets_length, num_buckets)
+        self.inputs_length, self.targets_length = inputs_length, targets_length
+        self.num_buckets = num_buckets
         self.num_beams, self.length_penalty = num_beams, length_penalty
         self._rows = _process_rows(self.sharding, self.batch_size)
 
@@ -88,12 +88,22 @@ class Inference:
         """(indices of the rows, padded input length) per batch; rows of one batch
         share a bucket."""
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        buckets = self._input_buckets(len(inputs[order[-1]]) if order else 0)
         groups: dict[int, list[int]] = {}
         for i in order:
-            groups.setdefault(_bucket(len(inputs[i]), self.input_buckets), []).append(i)
+            groups.setdefault(_bucket(len(inputs[i]), buckets), []).append(i)
         for length, members in sorted(groups.items()):
             for start in range(0, len(members), self.batch_size):
                 yield members[start:start + self.batch_size], length
+
+    def _input_buckets(self, longest: int) -> list[int]:
+        """Buckets up to `inputs_length`, or up to the longest row when rows are longer
+        (a benchmark suite's prompts)."""
+        return bucket_lengths(max(self.inputs_length, longest), self.num_buckets)
+
+    def _target_bucket(self, longest: int) -> int:
+        return _bucket(longest, bucket_lengths(max(self.targets_length, longest),
+                                               self.num_buckets))
 
     def _global(self, array: np.ndarray) -> jax.Array:
         """A `[batch_size, ...]` host array (identical on every host) -> a global array
@@ -147,8 +157,7 @@ class Inference:
         per (input, EOS-terminated target) pair (`decoding.score_targets`)."""
         out = np.zeros((len(inputs), 3), np.float64)
         for indices, length in self._batches(inputs):
-            target_length = _bucket(max(len(targets[i]) for i in indices),
-                                    self.target_buckets)
+            target_length = self._target_bucket(max(len(targets[i]) for i in indices))
             results = self._run(
                 lambda enc, dec: decoding.score_targets(self.model, self.params, enc, dec),
                 self._padded(inputs, indices, length),
@@ -166,7 +175,7 @@ class Inference:
             most = max(len(choices[i]) for i in indices)
             num = _pow2_at_least(most, 2)
             longest = max((len(c) for i in indices for c in choices[i]), default=1)
-            target_length = _bucket(longest, self.target_buckets)
+            target_length = self._target_bucket(longest)
             batch = np.zeros((self.batch_size, num, target_length), np.int32)
             for slot, i in enumerate(indices):
                 for j, tokens in enumerate(choices[i]):

@@ -19,6 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ift_jax import errors
+
 NORMALIZATIONS = ("tokens", "sequences")
 
 
@@ -30,8 +32,8 @@ class LossConfig:
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"loss normalization {self.normalization!r}; choose one of "
-                             f"{', '.join(NORMALIZATIONS)}")
+            raise errors.ConfigError(f"loss normalization {self.normalization!r}; choose one of "
+                                     f"{', '.join(NORMALIZATIONS)}")
 
 
 def token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,

@@ -5,13 +5,18 @@ Every metric is `fn(targets, predictions) -> dict[str, float]` with scores in
 str, e.g. the three summaries per dialogsum test dialogue); `predictions[i]`
 is a str. With several references, every metric counts the best-matching one
 (ROUGE per type via `score_multi`, accuracy/exact match if any matches); BLEU
-uses them all as sacrebleu's multi-reference streams.
+uses them all as sacrebleu's multi-reference streams. A metric that scores
+groups of rows together (MultiRC's exact match per question) also takes
+`groups=` (one id per row; `takes_groups(fn)` says so), which evaluation
+passes from the rows' `group`.
 
 ROUGE comes from rouge-score and BLEU from sacrebleu, called the way the t5
-library's `t5.evaluation.metrics` calls them; nothing here re-implements them.
-Accuracy, exact match (SQuAD normalization) and span F1 are small enough to
-own. `METRICS` / `get(name)` look metrics up by name (`eval.metrics`). NER
-targets are written as text,
+library's `t5.evaluation.metrics` calls them; the GLUE/SuperGLUE leaderboard
+metrics (Matthews correlation, F1, macro F1, Pearson/Spearman) come from
+scikit-learn and scipy; nothing here re-implements them. Accuracy, exact
+match (SQuAD normalization), span F1 and the expected calibration error are
+small enough to own. `METRICS` / `get(name)` look metrics up by name
+(`eval.metrics`). NER targets are written as text,
 `"Empire State Building (location); ESB (location)"`, or `"None"` when a
 sentence has no entities: `format_spans`, `parse_spans` and `bio_to_spans`
 convert between that text and (text, type) spans.
@@ -22,12 +27,21 @@ This module imports neither TensorFlow, SeqIO nor JAX.
 from __future__ import annotations
 
 import collections
+import inspect
+import itertools
 import re
 import string
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
+import pysbd
+import scipy.special
+import scipy.stats
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
+from sklearn import metrics as sk_metrics
+
+from ift_jax import errors
 
 Target = Union[str, Sequence[str]]
 
@@ -54,22 +68,71 @@ def _check_lengths(targets: Sequence[Target], predictions: Sequence[str]) -> Non
         raise ValueError("Got no targets and no predictions; metrics need at least one example.")
 
 
-def _prepare_summary(summary: str) -> str:
-    # As t5.evaluation.metrics.rouge does: rougeLsum splits sentences on "\n",
-    # so put one after each space-separated full stop. Other ROUGE types
-    # tokenize newlines away and are unaffected.
-    return summary.replace(" . ", " .\n")
+# How rougeLsum finds sentences (rouge-score splits summaries on "\n" only):
+# - "pysbd": pysbd's rule-based English segmenter (Sadvilkar & Neumann 2020, the
+#   "Golden Rules" of the Pragmatic Segmenter). Pure Python, no model files, so it
+#   works offline, where nltk's punkt (what HF's summarization scripts call before
+#   rouge-score) needs a `nltk.download` that cannot run here; it keeps "Mr.",
+#   "p.m.", "U.S." and decimals inside sentences, which an untrained punkt does not.
+# - "t5": the t5 library's `summary.replace(" . ", " .\n")`: splits only tokenized
+#   text (" . "), so on ordinary text rougeLsum equals rougeL.
+# - "none": only the newlines already in the text.
+ROUGE_SENTENCE_SPLITS = ("pysbd", "t5", "none")
+_rouge_sentence_split = "pysbd"
+
+
+def set_rouge_sentence_split(name: str) -> None:
+    """Sets how `rouge` splits sentences for rougeLsum by default (`eval.rouge_sentence_split`).
+
+    Raises:
+      ValueError: naming the choices, if `name` is not one of `ROUGE_SENTENCE_SPLITS`.
+    """
+    global _rouge_sentence_split
+    _check_sentence_split(name)
+    _rouge_sentence_split = name
+
+
+def rouge_sentence_split() -> str:
+    """The default sentence splitting of `rouge` (see `ROUGE_SENTENCE_SPLITS`)."""
+    return _rouge_sentence_split
+
+
+def _check_sentence_split(name: str) -> None:
+    if name not in ROUGE_SENTENCE_SPLITS:
+        raise errors.ConfigError(f"rouge sentence split {name!r} is not one of: "
+                         f"{', '.join(ROUGE_SENTENCE_SPLITS)}")
+
+
+def split_sentences(text: str, how: str = "pysbd") -> str:
+    """`text` with one sentence per line, as rougeLsum wants it.
+
+    Args:
+      text: a summary.
+      how: one of `ROUGE_SENTENCE_SPLITS`.
+    """
+    _check_sentence_split(how)
+    if how == "t5":
+        return text.replace(" . ", " .\n")
+    if how == "none":
+        return text
+    # Existing line breaks stay breaks; pysbd segments within each line.
+    segmenter = pysbd.Segmenter(language="en", clean=False)
+    sentences = [s.strip() for line in text.split("\n") if line.strip()
+                 for s in segmenter.segment(line)]
+    return "\n".join(s for s in sentences if s)
 
 
 def rouge(targets: Sequence[Target], predictions: Sequence[str], *,
           rouge_types: Sequence[str] = ("rouge1", "rouge2", "rougeL", "rougeLsum"),
-          use_stemmer: bool = True) -> dict[str, float]:
-    """ROUGE F-measure x 100, averaged over examples.
+          use_stemmer: bool = True, sentence_split: Optional[str] = None
+          ) -> dict[str, float]:
+    """ROUGE F-measure, precision and recall x 100, averaged over examples.
 
-    Both sides go through `summary.replace(" . ", " .\\n")` first, as in the t5
-    library, so that rougeLsum sees one sentence per line in tokenized text.
-    With several references, `RougeScorer.score_multi` keeps, per ROUGE type,
-    the reference with the best F-measure.
+    Both sides are split into sentences first (`split_sentences`, by default
+    the module's setting, `set_rouge_sentence_split`), which only rougeLsum
+    reads. With several references, `RougeScorer.score_multi` keeps, per ROUGE
+    type, the reference with the best F-measure (its precision and recall are
+    reported).
 
     The t5 library reports `BootstrapAggregator`'s mid F-measure, the median of
     bootstrap resample means: that is the plain mean up to resampling noise
@@ -80,21 +143,28 @@ def rouge(targets: Sequence[Target], predictions: Sequence[str], *,
       predictions: one str per example.
       rouge_types: rouge-score type names, e.g. "rouge1", "rougeLsum".
       use_stemmer: Porter-stem tokens before matching (as t5 and HF do).
+      sentence_split: one of `ROUGE_SENTENCE_SPLITS`; None = the module's setting.
 
     Returns:
-      `{rouge_type: score}` for each of `rouge_types`, in [0, 100].
+      `{rouge_type: F, rouge_type + "_precision": P, rouge_type + "_recall": R}`
+      for each of `rouge_types`, in [0, 100].
 
     Raises:
-      ValueError: if `targets` and `predictions` differ in length or are empty.
+      ValueError: if `targets` and `predictions` differ in length or are empty, or
+        `sentence_split` is unknown.
     """
     _check_lengths(targets, predictions)
+    how = sentence_split or _rouge_sentence_split
+    _check_sentence_split(how)
     scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
-    totals = dict.fromkeys(rouge_types, 0.0)
+    parts = (("", "fmeasure"), ("_precision", "precision"), ("_recall", "recall"))
+    totals = {key + suffix: 0.0 for key in rouge_types for suffix, _ in parts}
     for target, prediction in zip(targets, predictions):
-        refs = [_prepare_summary(ref) for ref in _references(target)]
-        scores = scorer.score_multi(refs, _prepare_summary(prediction))
+        refs = [split_sentences(ref, how) for ref in _references(target)]
+        scores = scorer.score_multi(refs, split_sentences(prediction, how))
         for key in rouge_types:
-            totals[key] += scores[key].fmeasure
+            for suffix, field in parts:
+                totals[key + suffix] += getattr(scores[key], field)
     return {key: 100.0 * total / len(predictions) for key, total in totals.items()}
 
 
@@ -160,6 +230,196 @@ def exact_match(targets: Sequence[Target], predictions: Sequence[str]) -> dict[s
     hits = sum(normalize_answer(prediction) in {normalize_answer(r) for r in _references(t)}
                for t, prediction in zip(targets, predictions))
     return {"exact_match": 100.0 * hits / len(predictions)}
+
+
+# --- GLUE / SuperGLUE leaderboard metrics (scikit-learn, scipy) ------------------------
+
+
+def _single_references(targets: Sequence[Target], metric: str) -> list[str]:
+    out = []
+    for target in targets:
+        refs = _references(target)
+        if len(refs) != 1:
+            raise ValueError(f"{metric} takes one reference per example; got {len(refs)}.")
+        out.append(refs[0].strip())
+    return out
+
+
+def _labels(targets: Sequence[Target], predictions: Sequence[str], metric: str
+            ) -> tuple[list[str], list[str]]:
+    _check_lengths(targets, predictions)
+    return _single_references(targets, metric), [p.strip() for p in predictions]
+
+
+def matthews_corr(targets: Sequence[Target], predictions: Sequence[str]) -> dict[str, float]:
+    """Matthews correlation x 100 (`sklearn.metrics.matthews_corrcoef`; CoLA's metric).
+
+    Labels are the stripped strings; a prediction that is no label is a class of
+    its own, as in t5's `matthews_corrcoef` (where it is class -1).
+    """
+    gold, predicted = _labels(targets, predictions, "matthews_corr")
+    return {"mcc": 100.0 * sk_metrics.matthews_corrcoef(gold, predicted)}
+
+
+def _flip_invalid(gold: list[str], predicted: list[str], positive: str, negative: str
+                  ) -> tuple[list[bool], list[bool]]:
+    """Binary labels; a prediction that is neither label counts as wrong (t5's
+    `f1_score_with_invalid`)."""
+    y_true = [g == positive for g in gold]
+    y_pred = [p == positive if p in (positive, negative) else not t
+              for p, t in zip(predicted, y_true)]
+    return y_true, y_pred
+
+
+def binary_f1(positive: str, negative: str) -> Callable[..., dict[str, float]]:
+    """A metric: F1 x 100 of the `positive` label (`sklearn.metrics.f1_score`; MRPC's F1).
+
+    A prediction that is neither `positive` nor `negative` counts as wrong (a
+    false negative or a false positive), as t5's `f1_score_with_invalid` does.
+    """
+    def f1(targets: Sequence[Target], predictions: Sequence[str]) -> dict[str, float]:
+        y_true, y_pred = _flip_invalid(*_labels(targets, predictions, "binary_f1"),
+                                       positive, negative)
+        return {"f1": 100.0 * sk_metrics.f1_score(y_true, y_pred, zero_division=0.0)}
+    f1.__name__ = f1.__qualname__ = f"binary_f1[{positive}]"
+    return f1
+
+
+def macro_f1(labels: Sequence[str]) -> Callable[..., dict[str, float]]:
+    """A metric: F1 x 100 averaged over `labels` (`sklearn.metrics.f1_score`,
+    `average="macro"`; CommitmentBank's F1).
+
+    A prediction outside `labels` is wrong for its example's label and counts for
+    no label, as in t5's `mean_multiclass_f1`.
+    """
+    labels = list(labels)
+
+    def f1(targets: Sequence[Target], predictions: Sequence[str]) -> dict[str, float]:
+        gold, predicted = _labels(targets, predictions, "macro_f1")
+        return {"macro_f1": 100.0 * sk_metrics.f1_score(
+            gold, predicted, labels=labels, average="macro", zero_division=0.0)}
+    f1.__name__ = f1.__qualname__ = "macro_f1"
+    return f1
+
+
+def parse_float(text: str, default: float = -1.0) -> float:
+    """The number a prediction states, or `default` (t5's `string_to_float`)."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        return default
+
+
+def pearson_spearman(targets: Sequence[Target], predictions: Sequence[str]
+                     ) -> dict[str, float]:
+    """Pearson and Spearman correlation x 100 of the stated numbers (STS-B's metrics).
+
+    Predictions are parsed as FLAN/t5 do (`parse_float`: text that is no number
+    counts as -1); from `scipy.stats.pearsonr` / `spearmanr`. Constant
+    predictions (or targets) have no correlation: scipy gives NaN, and so does this.
+    """
+    gold, predicted = _labels(targets, predictions, "pearson_spearman")
+    x = np.asarray([parse_float(g) for g in gold], np.float64)
+    y = np.asarray([parse_float(p) for p in predicted], np.float64)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"pearson": float("nan"), "spearman": float("nan")}
+    return {"pearson": 100.0 * float(scipy.stats.pearsonr(x, y)[0]),
+            "spearman": 100.0 * float(scipy.stats.spearmanr(x, y)[0])}
+
+
+def multirc_f1a_em(targets: Sequence[Target], predictions: Sequence[str], *,
+                   groups: Sequence[str], positive: str = "yes", negative: str = "no"
+                   ) -> dict[str, float]:
+    """MultiRC's F1a and exact match, x 100.
+
+    Each row is one answer option judged `positive` or `negative`; `groups[i]`
+    names the question row i belongs to. F1a: binary F1 of `positive` over all
+    answer options (a prediction that is neither label counts as wrong); exact
+    match: the share of questions whose options are all right (t5's
+    `mean_group_metric(all_match)`).
+
+    Raises:
+      ValueError: if `groups` is not one id per row.
+    """
+    gold, predicted = _labels(targets, predictions, "multirc_f1a_em")
+    if len(groups) != len(gold) or not all(groups):
+        raise ValueError(f"multirc_f1a_em needs a non-empty group id per row; got "
+                         f"{len(groups)} groups for {len(gold)} rows")
+    y_true, y_pred = _flip_invalid(gold, predicted, positive, negative)
+    all_right: dict[str, bool] = {}
+    for group, g, p in zip(groups, gold, predicted):
+        all_right[group] = all_right.get(group, True) and g == p
+    return {"f1a": 100.0 * sk_metrics.f1_score(y_true, y_pred, zero_division=0.0),
+            "exact_match": 100.0 * sum(all_right.values()) / len(all_right)}
+
+
+def takes_groups(metric_fn: Callable[..., dict[str, float]]) -> bool:
+    """Whether `metric_fn` scores groups of rows (takes `groups=`)."""
+    try:
+        return "groups" in inspect.signature(metric_fn).parameters
+    except (TypeError, ValueError):  # Callables without a signature take no groups.
+        return False
+
+
+# --- calibration -----------------------------------------------------------------------
+
+ECE_BINNINGS = ("equal_mass", "equal_width")
+
+
+def choice_probabilities(log_likelihoods: Sequence[float]) -> list[float]:
+    """Softmax over the answer choices' log-likelihoods (rank classification's
+    distribution over the choices; its max is the prediction's confidence)."""
+    return scipy.special.softmax(np.asarray(log_likelihoods, np.float64)).tolist()
+
+
+def _bin_edges(confidences: np.ndarray, num_bins: int, binning: str) -> np.ndarray:
+    """Upper edges of the bins; a confidence goes to the first edge >= it."""
+    if binning == "equal_width":
+        return np.arange(1, num_bins + 1) / num_bins
+    # Equal mass: sorted confidences in `num_bins` near-equal runs, each edge halfway
+    # between one run's last value and the next run's first (the calibration
+    # library's `get_equal_bins`, which HELM calls).
+    runs = np.array_split(np.sort(confidences), min(num_bins, len(confidences)))
+    edges = [(a[-1] + b[0]) / 2.0 for a, b in itertools.pairwise(runs)] + [1.0]
+    return np.unique(edges)
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool],
+                               num_bins: int = 10, binning: str = "equal_mass") -> float:
+    """Expected calibration error x 100: sum over bins of (share of examples) x
+    |mean confidence - accuracy|.
+
+    `binning="equal_mass"` (default) puts about the same number of examples in
+    each bin: HELM's `ece_10_bin` (`calibration.get_ece_em(..., num_bins=10)` of
+    the uncertainty-calibration library). `"equal_width"` uses the bins
+    (0, 1/n], (1/n, 2/n], ... of Guo et al. (2017) (that library's `get_ece`).
+
+    Args:
+      confidences: per example, the probability of the predicted answer, in [0, 1]
+        (rank classification: the max of `choice_probabilities`).
+      correct: per example, whether the predicted answer was right.
+      num_bins: number of bins (equal mass: at most one per example).
+      binning: one of `ECE_BINNINGS`.
+
+    Raises:
+      ValueError: on length mismatch, no examples, confidences outside [0, 1], or an
+        unknown binning.
+    """
+    if binning not in ECE_BINNINGS:
+        raise ValueError(f"binning {binning!r} is not one of: {', '.join(ECE_BINNINGS)}")
+    conf = np.asarray(confidences, np.float64)
+    hits = np.asarray(correct, np.float64)
+    if conf.shape != hits.shape or conf.ndim != 1 or not len(conf):
+        raise ValueError(f"Got {conf.size} confidences and {hits.size} correct flags; need "
+                         f"the same non-zero number of each.")
+    if conf.min() < 0.0 or conf.max() > 1.0:
+        raise ValueError("Confidences must be probabilities in [0, 1].")
+    bins = np.searchsorted(_bin_edges(conf, num_bins, binning), conf, side="left")
+    error = 0.0
+    for b in np.unique(bins):
+        members = bins == b
+        error += members.mean() * abs(conf[members].mean() - hits[members].mean())
+    return 100.0 * float(error)
 
 
 def format_spans(spans: Sequence[tuple[str, str]]) -> str:
@@ -265,23 +525,5 @@ def get(name: str) -> Callable[..., dict[str, float]]:
       ValueError: naming the available metrics, if there is no such metric.
     """
     if name not in METRICS:
-        raise ValueError(f"no metric {name!r}; available: {', '.join(sorted(METRICS))}")
+        raise errors.ConfigError(f"no metric {name!r}; available: {', '.join(sorted(METRICS))}")
     return METRICS[name]
-
-
-def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool],
-                               num_bins: int = 10) -> float:
-    """ECE in [0, 1]: equal-width confidence bins over [0, 1] (HELM's binning), the
-    mean |accuracy - confidence| of each bin weighted by its share of examples."""
-    if len(confidences) != len(correct) or not confidences:
-        raise ValueError("expected_calibration_error needs one correctness per confidence")
-    total, error = len(confidences), 0.0
-    for b in range(num_bins):
-        low, high = b / num_bins, (b + 1) / num_bins
-        members = [i for i, c in enumerate(confidences)
-                   if (low < c <= high) or (b == 0 and c == 0.0)]
-        if members:
-            accuracy = sum(bool(correct[i]) for i in members) / len(members)
-            confidence = sum(confidences[i] for i in members) / len(members)
-            error += len(members) / total * abs(accuracy - confidence)
-    return error

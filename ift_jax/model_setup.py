@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from ift_jax import errors
 from ift_jax import fileio, model_info, optim, partitioning, peft
 from ift_jax.models import t5
 
@@ -231,7 +232,7 @@ def prompt_config(peft_cfg: ml_collections.ConfigDict) -> peft.PromptConfig:
 def _models_for(method: str, arch: t5.T5Config, peft_cfg):
     """(training model, eval model, prompt config) for `method`."""
     if method not in peft.METHODS:
-        raise ValueError(f"peft.method {method!r}; methods: {', '.join(peft.METHODS)}")
+        raise errors.ConfigError(f"peft.method {method!r}; methods: {', '.join(peft.METHODS)}")
     base = t5.Transformer(arch)
     if method in ("lora", "qlora"):
         cfg = lora_config(peft_cfg, quantize=method == "qlora")
@@ -376,10 +377,12 @@ def _overlay(params: Any, loaded: dict, shardings: Any) -> Any:
     flat_sh = traverse_util.flatten_dict(shardings)
     for path, value in traverse_util.flatten_dict(loaded).items():
         if path not in flat:
-            raise ValueError(f"init_from param {'/'.join(path)} does not exist in this model")
+            raise errors.CheckpointError(f"init_from param {'/'.join(path)} does not exist in "
+                                         f"this model")
         if tuple(flat[path].shape) != tuple(value.shape):
-            raise ValueError(f"init_from param {'/'.join(path)} has shape {tuple(value.shape)}"
-                             f", the model expects {tuple(flat[path].shape)}")
+            raise errors.CheckpointError(f"init_from param {'/'.join(path)} has shape "
+                                         f"{tuple(value.shape)}, the model expects "
+                                         f"{tuple(flat[path].shape)}")
         flat[path] = jax.device_put(np.asarray(value, flat[path].dtype), flat_sh[path])
     return traverse_util.unflatten_dict(flat)
 
@@ -410,8 +413,8 @@ def vocabulary_spec(config: ml_collections.ConfigDict) -> str:
     spiece = os.path.join(config.init_from or "", "spiece.model")
     if config.init_from and os.path.exists(spiece):
         return spiece
-    raise ValueError("data.vocab is empty and init_from has no spiece.model; set "
-                     "--config.data.vocab to 'byte' or a SentencePiece .model path")
+    raise errors.ConfigError("data.vocab is empty and init_from has no spiece.model; set "
+                             "--config.data.vocab to 'byte' or a SentencePiece .model path")
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:
@@ -435,13 +438,13 @@ def train_batches(config: ml_collections.ConfigDict, start_step: int = 0
 
     hosts, index = jax.process_count(), jax.process_index()
     if config.train.batch_size % hosts:
-        raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
-                         f"the {hosts} processes")
+        raise errors.ConfigError(f"train.batch_size {config.train.batch_size} is not divisible by "
+                                 f"the {hosts} processes")
     local = config.train.batch_size // hosts
     whole = config.data.host_sharding == "global_batch"
     if config.data.host_sharding not in ("examples", "global_batch"):
-        raise ValueError(f"data.host_sharding {config.data.host_sharding!r}; choose "
-                         f"'examples' or 'global_batch'")
+        raise errors.ConfigError(f"data.host_sharding {config.data.host_sharding!r}; choose "
+                                 f"'examples' or 'global_batch'")
     spec = pipeline.BatchSpec(
         config.data.mixture, "train", config.data.inputs_length, config.data.targets_length,
         batch_size=config.train.batch_size if whole else local, pack=config.data.pack,

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ift_jax import errors
+
 SCHEDULES = ("constant", "linear_warmup", "rsqrt", "cosine", "linear_decay")
 OPTIMIZERS = ("adafactor", "adamw")
 _NEEDS_TOTAL_STEPS = ("cosine", "linear_decay")
@@ -57,17 +59,17 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.name!r}; valid schedules: "
-                             f"{', '.join(SCHEDULES)}")
+            raise errors.ConfigError(f"unknown schedule {self.name!r}; valid schedules: "
+                                     f"{', '.join(SCHEDULES)}")
         if self.warmup_steps < 0:
-            raise ValueError(f"schedule warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise errors.ConfigError(f"schedule warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.name == "constant" and self.warmup_steps:
-            raise ValueError("schedule 'constant' has no warmup; set warmup_steps=0 or use "
-                             "'linear_warmup'")
+            raise errors.ConfigError("schedule 'constant' has no warmup; set warmup_steps=0 or use "
+                                     "'linear_warmup'")
         if self.name in _NEEDS_TOTAL_STEPS and (self.total_steps is None
                                                 or self.total_steps <= self.warmup_steps):
-            raise ValueError(f"schedule {self.name!r} needs total_steps > warmup_steps "
-                             f"({self.warmup_steps}); got total_steps={self.total_steps}")
+            raise errors.ConfigError(f"schedule {self.name!r} needs total_steps > warmup_steps "
+                                     f"({self.warmup_steps}); got total_steps={self.total_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +94,11 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.name!r}; valid optimizers: "
-                             f"{', '.join(OPTIMIZERS)}")
+            raise errors.ConfigError(f"unknown optimizer {self.name!r}; valid optimizers: "
+                                     f"{', '.join(OPTIMIZERS)}")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
-            raise ValueError(f"grad_clip_norm must be > 0 or None (no clipping), "
-                             f"got {self.grad_clip_norm}")
+            raise errors.ConfigError(f"grad_clip_norm must be > 0 or None (no clipping), "
+                                     f"got {self.grad_clip_norm}")
 
 
 def _warmup(base: float, warmup_steps: int, after: optax.Schedule) -> optax.Schedule:
@@ -121,7 +123,8 @@ def make_schedule(cfg: ScheduleConfig) -> optax.Schedule:
     if cfg.name == "linear_decay":
         decay = optax.linear_schedule(base, cfg.end_value, cfg.total_steps - warmup)
         return _warmup(base, warmup, decay)
-    raise ValueError(f"unknown schedule {cfg.name!r}; valid schedules: {', '.join(SCHEDULES)}")
+    raise errors.ConfigError(f"unknown schedule {cfg.name!r}; valid schedules: "
+                             f"{', '.join(SCHEDULES)}")
 
 
 def decay_mask(params):

@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+
+from ift_jax import errors
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -84,24 +86,26 @@ def _resolve_sizes(axis_sizes: Mapping[str, int] | Sequence[int],
     if isinstance(axis_sizes, Mapping):
         unknown = set(axis_sizes) - set(MESH_AXES)
         if unknown:
-            raise ValueError(f"unknown mesh axes {sorted(unknown)}; mesh axes are {MESH_AXES}")
+            raise errors.ConfigError(f"unknown mesh axes {sorted(unknown)}; mesh axes are "
+                                     f"{MESH_AXES}")
         sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
     else:
         sizes = [int(s) for s in axis_sizes]
         if len(sizes) != len(MESH_AXES):
-            raise ValueError(f"mesh needs {len(MESH_AXES)} sizes {MESH_AXES}, got {sizes}")
+            raise errors.ConfigError(f"mesh needs {len(MESH_AXES)} sizes {MESH_AXES}, got {sizes}")
     fill = [i for i, s in enumerate(sizes) if s == -1]
     if len(fill) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise errors.ConfigError(f"at most one mesh axis may be -1, got "
+                                 f"{dict(zip(MESH_AXES, sizes))}")
     if fill:
         known = math.prod(s for s in sizes if s != -1)
         if known <= 0 or num_devices % known:
-            raise ValueError(f"cannot fill mesh {dict(zip(MESH_AXES, sizes))} with "
-                             f"{num_devices} devices")
+            raise errors.ConfigError(f"cannot fill mesh {dict(zip(MESH_AXES, sizes))} with "
+                                     f"{num_devices} devices")
         sizes[fill[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                         f"devices, {num_devices} are available")
+        raise errors.ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                                 f"devices, {num_devices} are available")
     return tuple(sizes)
 
 

@@ -49,6 +49,7 @@ import numpy as np
 import qwix
 from qwix._src.providers import ptq as qwix_ptq  # WithAux: QLoRA's kernel leaves
 
+from ift_jax import errors
 from ift_jax.models import t5
 
 Array = jax.Array
@@ -66,7 +67,7 @@ _INTERCEPTED_METHODS = ("__call__", "encode", "decode")
 _MAX_LISTED = 40
 
 
-class PeftError(ValueError):
+class PeftError(errors.ConfigError):
     """A PEFT setting that does not fit the model or its params."""
 
 

@@ -31,6 +31,7 @@ import os
 import re
 from typing import Union
 
+from ift_jax import errors
 from ift_jax import fileio
 
 # Scores where higher is better, in the order that picks a task's primary metric.
@@ -58,7 +59,7 @@ def _read_json(path: str):
         with fileio.open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete or rewrite it") from e
+        raise errors.InputFileError(f"{path} is not valid JSON ({e}); delete or rewrite it") from e
 
 
 def _config_guard_tasks(workdir: str) -> list[str]:
@@ -459,7 +460,7 @@ def calibration_table(run: dict) -> str | None:
     step = max(steps)
     rows = [[task, _format("", m.get("rank_accuracy")), _format("", m["calibration_ece"])]
             for task, m in sorted(run["steps"][step].items()) if "calibration_ece" in m]
-    return (f"Step {step}: expected calibration error (%, 10 equal-width bins) of the "
+    return (f"Step {step}: expected calibration error (x 100, 10 equal-mass bins) of the "
             f"rank-classification probabilities; lower is better.\n\n"
             + markdown_table(["task", "rank_accuracy", "calibration_ece"], rows))
 
@@ -526,10 +527,10 @@ def write_report(workdir: str) -> str:
     workdir = os.fspath(workdir)
     run, train_rows = load_eval(workdir), load_train_metrics(workdir)
     if not (run["steps"] or run["incontext"] or train_rows):
-        raise FileNotFoundError(
-            f"nothing to report in workdir {workdir!r}: it has no eval/step_<N>.json, "
-            "no eval/incontext_<k>shot.json and no train_metrics.jsonl; run "
-            "`ift-jax train` or `ift-jax eval` with this --workdir first")
+        raise errors.MissingError(
+              f"nothing to report in workdir {workdir!r}: it has no eval/step_<N>.json, "
+              "no eval/incontext_<k>shot.json and no train_metrics.jsonl; run "
+              "`ift-jax train` or `ift-jax eval` with this --workdir first")
     write_tables(workdir)
     result = forgetting(run)
     out_dir = _report_dir(workdir)

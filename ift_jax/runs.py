@@ -6,8 +6,8 @@ benchmarks. It sits above `model_setup` (which only initializes) and
 `checkpointing` (which only saves and restores trees), and below everything
 that uses a model.
 
-- `load_base(source)`: the weights of `init_from` (an HF T5 directory or
-  another ift_jax workdir, whose final model is read back merged).
+- `load_base(source)`: the weights of `init_from` (an HF T5 directory, a t5x
+  checkpoint, or another ift_jax workdir, whose final model is read back merged).
 - `build_setup(config)`: `model_setup.build` with that base loaded.
 - `start(setup, mesh, ckpt)`: the training start-up order, logged as it
   happens: 1. resume from the latest checkpoint in the workdir; 2. else
@@ -32,7 +32,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ift_jax import checkpointing, fileio, hf, model_setup, partitioning, peft
+from ift_jax import errors
+from ift_jax import checkpointing, fileio, hf, model_setup, partitioning, peft, t5x_checkpoint
 from ift_jax.models import t5
 
 
@@ -40,7 +41,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run wrote into its workdir."""
     path = os.path.join(workdir, "config.json")
     if not fileio.exists(path):
-        raise FileNotFoundError(f"{workdir} is not an ift_jax workdir: no config.json")
+        raise errors.MissingError(f"{workdir} is not an ift_jax workdir: no config.json")
     with fileio.open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
 
@@ -58,9 +59,11 @@ def load_base(source: str) -> tuple[t5.T5Config, dict]:
       ValueError: `source` is neither an HF T5 directory nor an ift_jax workdir.
     """
     if not fileio.exists(source):
-        raise FileNotFoundError(f"init_from {source!r}: no such file or directory")
+        raise errors.MissingError(f"init_from {source!r}: no such file or directory")
     if _is_hf_dir(source):
         return hf.load_t5(source)
+    if t5x_checkpoint.is_t5x_checkpoint(source):
+        return t5x_checkpoint.load_t5x(source)
     if fileio.isdir(os.path.join(source, "checkpoints")):
         run = Run.open(source, mesh=_one_device_mesh())
         try:
@@ -69,8 +72,9 @@ def load_base(source: str) -> tuple[t5.T5Config, dict]:
             return run.setup.t5_config, host_params(plain_params(run.setup, params))
         finally:
             run.close()
-    raise ValueError(f"init_from {source!r} is neither an HF T5 directory (config.json + "
-                     f"weights) nor an ift_jax workdir with checkpoints")
+    raise errors.CheckpointError(f"init_from {source!r} is neither an HF T5 directory "
+                                 f"(config.json + "
+                     f"weights), a t5x checkpoint, nor an ift_jax workdir with checkpoints")
 
 
 def build_setup(config: ml_collections.ConfigDict) -> model_setup.Setup:
@@ -132,9 +136,9 @@ def parse_mesh(text: str) -> dict[str, int]:
             if len(parts) != len(partitioning.MESH_AXES):
                 raise ValueError
     except ValueError:
-        raise ValueError(f"--mesh={text!r}: give three sizes data,fsdp,tensor (e.g. 1,4,2; "
-                         f"-1 fills with the remaining devices) or data=1,fsdp=-1,tensor=2"
-                         ) from None
+        raise errors.ConfigError(f"--mesh={text!r}: give three sizes data,fsdp,tensor (e.g. 1,4,2; "
+                                 f"-1 fills with the remaining devices) or data=1,fsdp=-1,tensor=2"
+                                 ) from None
     return sizes
 
 
@@ -221,13 +225,13 @@ class Run:
         steps = self.steps()
         if step is None:
             if not steps:
-                raise FileNotFoundError(f"{self.workdir} has no checkpoints")
+                raise errors.MissingError(f"{self.workdir} has no checkpoints")
             step = steps[-1]
         if step == 0:
             init = self._init(restoring=False)
             return peft.merge_params(init.state.params, init.frozen), 0
         if step not in steps:
-            raise ValueError(f"{self.workdir} has no checkpoint {step}; steps: {steps}")
+            raise errors.CheckpointError(f"{self.workdir} has no checkpoint {step}; steps: {steps}")
         init = self._init(restoring=True)
         state = restore(self._ckpt, step, self.setup, init.state)
         return peft.merge_params(state.params, init.frozen), step
@@ -246,8 +250,8 @@ def plain_params(setup: model_setup.Setup, params: dict) -> dict:
       ValueError: a prompt-tuned run.
     """
     if setup.method == "prompt":
-        raise ValueError("a prompt-tuned run has no plain model form: its prompt is an "
-                         "input, not a weight; use the run itself (ift-jax predict/eval)")
+        raise errors.ConfigError("a prompt-tuned run has no plain model form: its prompt is an "
+                                 "input, not a weight; use the run itself (ift-jax predict/eval)")
     if setup.method in ("lora", "qlora"):
         cfg = model_setup.lora_config(setup.config.peft, quantize=setup.method == "qlora")
         return peft.merge_lora(params, cfg)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 from typing import Any, Callable, Optional, Sequence
 
+from ift_jax import errors
 from ift_jax import config_files, fileio, progress
 
 Point = dict[str, Any]
@@ -52,7 +53,7 @@ def zip_(axis: dict[str, Sequence[Any]]) -> list[Point]:
     """
     lengths = {key: len(values) for key, values in axis.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"zipped sweep axes need equal lengths; got {lengths}")
+        raise errors.ConfigError(f"zipped sweep axes need equal lengths; got {lengths}")
     return [dict(zip(axis, values)) for values in zip(*axis.values())]
 
 
@@ -66,7 +67,7 @@ def point_name(point: Point) -> str:
         f"{_key(k).rsplit('.', 1)[-1]}={v}" for k, v in point.items())
     safe = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", str(name))
     if not safe or safe in (".", ".."):
-        raise ValueError(f"sweep point {point} has no usable name; give it a 'name' key")
+        raise errors.ConfigError(f"sweep point {point} has no usable name; give it a 'name' key")
     return safe
 
 
@@ -85,18 +86,18 @@ def load_points(config_spec: str) -> list[Point]:
     path, _, arg = config_spec.partition(":")
     module = config_files.import_file(config_spec)
     if not hasattr(module, "get_sweep"):
-        raise ValueError(f"{path} defines no get_sweep(); a sweep file returns a list of "
-                         "override dicts from get_sweep(arg)")
+        raise errors.ConfigError(f"{path} defines no get_sweep(); a sweep file returns a list of "
+                                 "override dicts from get_sweep(arg)")
     try:
         points = module.get_sweep(arg or None)
     except TypeError:  # get_sweep() without the preset argument.
         points = module.get_sweep()
     if not points:
-        raise ValueError(f"{path}: get_sweep() returned no points")
+        raise errors.ConfigError(f"{path}: get_sweep() returned no points")
     names = [point_name(p) for p in points]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"{path}: sweep points share names {duplicates}; add 'name' keys")
+        raise errors.ConfigError(f"{path}: sweep points share names {duplicates}; add 'name' keys")
     return points
 
 

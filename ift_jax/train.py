@@ -16,13 +16,14 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from ift_jax import checkpointing, evaluator, fileio, model_setup, partitioning, runs
+from ift_jax import (checkpointing, config_checks, config_diff, errors, evaluator, fileio,
+                     model_setup, partitioning, run_lock, runs, suites)
 from ift_jax.train_step import (  # noqa: F401  (the step's public names, also here)
     TrainState, global_batches, jit_train_step, train_step)
 
@@ -96,7 +97,7 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.TrainingError):
     pass
 
 
@@ -104,18 +105,69 @@ class NonFiniteLossError(FloatingPointError):
 # The orchestrator.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming if the workdir has a checkpoint) and returns the last metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_changes: Sequence[str] = ()) -> dict:
+    """Trains (resuming if the workdir has a checkpoint) and returns the last metrics.
+
+    Nothing is written before every check has passed: the config's values
+    (`config_checks`), no benchmark task in the training mixture
+    (`suites.check_training_mixture`), the eval suites' data, no other live
+    run on the workdir (a lock held for the whole run), and, on a resume, no
+    changed config field unless `allow_config_changes` names it (the accepted
+    changes are appended to `config_changes.jsonl`). `config.json` is written
+    once the run has started from its checkpoint, `init_from` or scratch.
+    """
+    config_checks.validate_for_devices(config, jax.device_count(), jax.process_count())
+    config_diff.check_allowed_keys(allow_config_changes, config)
+    model_setup.prepare_data(config)
+    suites.check_training_mixture(config.data.mixture)
+    evaluator.check_suites(config)
     fileio.makedirs(workdir)
+    with run_lock.hold(workdir):
+        return _train(config, workdir, allow_config_changes)
+
+
+def _config_changes(config: ml_collections.ConfigDict, workdir: str, setup, ckpt,
+                    allowed: Sequence[str]) -> list[config_diff.Change]:
+    """Changes against the workdir's `config.json` of a run that resumes; refused
+    unless allowed. Checkpoints of another model or method are refused first (their
+    fingerprint, read from the checkpoint's metadata alone)."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return []
+    checkpointing.check_fingerprint(ckpt.read_meta(latest).get("fingerprint", {}),
+                                    setup.fingerprint, ckpt.directory)
+    path = os.path.join(workdir, "config.json")
+    if not fileio.exists(path):
+        return []
+    with fileio.open(path) as f:
+        changes = config_diff.diff(json.load(f), config)
+    config_diff.check(changes, allowed, workdir)
+    return changes
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str,
+                  changes: Sequence[config_diff.Change], step: int) -> None:
+    if jax.process_index() != 0:
+        return
+    with fileio.open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if changes:
+        rows = "".join(json.dumps(r) + "\n" for r in config_diff.records(changes, step))
+        fileio.append_text(os.path.join(workdir, "config_changes.jsonl"), rows)
+        logging.warning("resumed at step %d with config changes: %s", step,
+                        "; ".join(map(str, changes)))
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           allow_config_changes: Sequence[str]) -> dict:
     setup = runs.build_setup(config)
     mesh = partitioning.make_mesh(dict(config.mesh))
-    if jax.process_index() == 0:
-        with fileio.open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
     ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    changes = _config_changes(config, workdir, setup, ckpt, allow_config_changes)
     init, start = runs.start(setup, mesh, ckpt)
     state, frozen, shardings = init.state, init.frozen, init.shardings
+    _write_config(config, workdir, changes, start)
     model_setup.release_init_params(setup)  # On the devices now.
     if jax.process_index() == 0:
         model_setup.write_model_info(workdir, setup, state.params, frozen)

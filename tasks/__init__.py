@@ -7,8 +7,10 @@ missing fails only when used, naming the path it expected.
 
 from ift_jax.tasks import (  # noqa: F401  (imported for their registrations)
     amazon_reviews,
+    bbh,
     dialogsum,
     glue,
+    mmlu,
     multi30k,
     samsum,
     synthetic,

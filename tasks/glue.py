@@ -1,22 +1,46 @@
-"""GLUE and SuperGLUE classification tasks from TFDS, with FLAN's option templates.
+"""GLUE and SuperGLUE classification tasks with FLAN's option templates and the
+leaderboard metrics.
 
-Registers, each with FLAN's variants (`<name>`, `<name>_all_templates`,
-`<name>_3shot`; see `instructions.register_variants`) and accuracy:
-glue_cola, glue_sst2, glue_mrpc, glue_qqp, glue_mnli, glue_qnli, glue_rte,
-glue_wnli, super_glue_boolq, super_glue_cb, super_glue_copa, super_glue_wic.
+Registers, each with FLAN's variants (`<name>`, `<name>_all_templates`, and
+`<name>_3shot` where there is a train split; see `instructions.register_variants`):
+
+- GLUE (Wang et al. 2018, "GLUE: A Multi-Task Benchmark and Analysis Platform
+  for Natural Language Understanding"): glue_cola (Matthews correlation),
+  glue_sst2, glue_mrpc (F1 and accuracy), glue_qqp (F1 and accuracy),
+  glue_stsb (Pearson and Spearman), glue_mnli, glue_qnli, glue_rte, glue_wnli
+  (accuracy);
+- SuperGLUE (Wang et al. 2019, "SuperGLUE: A Stickier Benchmark for
+  General-Purpose Language Understanding Systems"): super_glue_boolq,
+  super_glue_cb (accuracy and macro F1), super_glue_copa,
+  super_glue_multirc (F1a over answer options and exact match per question),
+  super_glue_rte, super_glue_wic, super_glue_wsc (accuracy).
+
+Metrics come from `ift_jax.metrics` (scikit-learn / scipy) and score the
+generated text, as the leaderboards score predicted labels; evaluation adds
+`rank_accuracy` over the options (FLAN's rank classification). The `glue`
+and `superglue` suites (`ift_jax.suites`) average them as the leaderboards do.
+
+Data: the datasets present under `<data dir>/glue/` and `<data dir>/super_glue/`
+(CoLA, SST-2, MRPC, STS-B, QNLI, RTE, WNLI dev, train where there;
+BoolQ, CB, COPA, MultiRC, RTE, WiC, WSC validation) are read from those
+files (`tasks/glue_files.py`); MNLI and QQP, which are not there, from TFDS
+(`TFDS_DATA_DIR`, default `~/tensorflow_datasets`; nothing is downloaded here,
+so `tfds build glue/mnli` where there is network and copy the data dir).
+ReCoRD and the diagnostics (GLUE's AX, SuperGLUE's AX-b/AX-g) are not
+registered: ReCoRD's data is not here, and the diagnostics' labels are only
+scored by the leaderboards' servers.
 
 Records keep the TFDS feature names (`glue/rte` has `sentence1`,
 `sentence2`, `label`, `idx`); `prepare` adds `options` (the answer strings
 FLAN offers, in label order) and `answer` (`options[label]`), so every
-template reads `{options_}` and targets `{answer}`. Splits are train and
+template reads `{options_}` and targets `{answer}`. STS-B is a regression:
+its target is the score rounded to 0.2, as text ("3.4", as T5 does), its
+templates offer no options, and its reference is the gold score, against
+which the number the model writes is correlated. Splits are train and
 validation only: GLUE/SuperGLUE test labels are hidden (-1). MNLI's
 validation is TFDS's `validation_matched`.
 
-Registration reads nothing. Running a task reads the TFDS builder's prepared
-data from the TFDS data dir (`TFDS_DATA_DIR`, default `~/tensorflow_datasets`);
-nothing is downloaded here, so prepare it elsewhere first, e.g.
-`tfds build glue/rte` or `tfds.builder("glue/rte").download_and_prepare()`,
-and copy the data dir over.
+Registration reads nothing.
 """
 
 from __future__ import annotations
@@ -24,13 +48,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+from ift_jax import errors
 from ift_jax import metrics
 from ift_jax.data import instructions, sources
 from ift_jax.data.templates import PatternTemplate
+from ift_jax.tasks.glue_files import LOCAL
 
 SPLITS = {"train": "train", "validation": "validation"}
 MNLI_SPLITS = {"train": "train", "validation": "validation_matched"}
 NLI3 = ("yes", "it is not possible to tell", "no")
+# TFDS CB labels: entailment, contradiction, neutral.
+CB_OPTIONS = ("yes", "no", "it is not possible to tell")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +71,19 @@ class Dataset:
         requires the version).
       fields: TFDS text features the templates read.
       options: answer strings in TFDS label order, or a function of the record
-        (COPA's options are its two choices).
+        (COPA's options are its two choices); None for a regression (STS-B).
       patterns: FLAN `(inputs, targets)` tuples.
       splits: task split -> TFDS split.
+      metric_fns: the leaderboard's metrics.
     """
 
     name: str
     tfds_name: str
     fields: tuple[str, ...]
-    options: Sequence[str] | Callable[[dict], list[str]]
+    options: Sequence[str] | Callable[[dict], list[str]] | None
     patterns: tuple[tuple[str, str], ...]
     splits: dict[str, str] = dataclasses.field(default_factory=lambda: dict(SPLITS))
+    metric_fns: tuple[Callable[..., dict], ...] = (metrics.accuracy,)
 
 
 def make_prepare(name: str, options: Sequence[str] | Callable[[dict], list[str]]
@@ -64,9 +94,9 @@ def make_prepare(name: str, options: Sequence[str] | Callable[[dict], list[str]]
         choices = list(options(record) if callable(options) else options)
         label = record["label"]
         if not 0 <= label < len(choices):
-            raise ValueError(f"{name}: record idx={record.get('idx')} has label {label}; "
-                             f"expected 0..{len(choices) - 1} (test splits hide labels as -1, "
-                             f"use train or validation)")
+            raise errors.DataError(f"{name}: record idx={record.get('idx')} has label {label}; "
+                                   f"expected 0..{len(choices) - 1} (test splits hide labels "
+                                   f"as -1, use train or validation)")
         return {**record, "options": choices, "answer": choices[label]}
 
     return prepare
@@ -74,6 +104,21 @@ def make_prepare(name: str, options: Sequence[str] | Callable[[dict], list[str]]
 
 def _copa_options(record: dict) -> list[str]:
     return [record["choice1"], record["choice2"]]
+
+
+def stsb_target(score: float) -> str:
+    """T5's STS-B target: the score rounded to the nearest 0.2, one decimal."""
+    return f"{round(score * 5) / 5:.1f}"
+
+
+def _prepare_stsb(record: dict) -> dict:
+    """Target: the score rounded to 0.2; reference: the gold score itself."""
+    return {**record, "answer": stsb_target(record["label"]),
+            "references": [str(record["label"])]}
+
+
+YES_NO = ("no", "yes")
+YES_NO_F1 = metrics.binary_f1("yes", "no")
 
 
 # Patterns are FLAN's (FLAN/flan/templates.py): the first five distinct ones of
@@ -92,7 +137,7 @@ DATASETS = (
          "{answer}"),
         ("Would the following sentence, by the strictest standards, be considered correct by "
          "a linguist?\n\n{sentence}\n{options_}", "{answer}"),
-    )),
+    ), metric_fns=(metrics.matthews_corr, metrics.accuracy)),
     Dataset("glue_sst2", "glue/sst2:2.0.0", ("sentence",), ("negative", "positive"), (
         ("Review:\n{sentence}\nIs this movie review sentence negative or positive?\n"
          "{options_}", "{answer}"),
@@ -116,7 +161,26 @@ DATASETS = (
          "{options_}", "{answer}"),
         ("{sentence1}\n{sentence2}\nAre these sentences conveying the same meaning?\n"
          "{options_}", "{answer}"),
-    )),
+    ), metric_fns=(YES_NO_F1, metrics.accuracy)),
+    # A regression: FLAN's STS-B patterns without their options list (FLAN rounds the
+    # score to an integer and offers 0-5; the target here is T5's 0.2 grid).
+    Dataset("glue_stsb", "glue/stsb:2.0.0", ("sentence1", "sentence2"), None, (
+        ("{sentence1}\n{sentence2}\n\nRate the textual similarity of these two sentences on "
+         "a scale from 0 to 5, where 0 is \"no meaning overlap\" and 5 is \"means the same "
+         "thing\".", "{answer}"),
+        ("{sentence1}\n{sentence2}\n\nOn a scale from 0 to 5, where 0 is \"no meaning "
+         "overlap\" and 5 is \"means the same thing\", how closely does the first sentence "
+         "resemble the second one?", "{answer}"),
+        ("Sentence 1: {sentence1}\n\n Sentence 2: {sentence2}\n\nFrom 0 to 5 (0=\"no meaning "
+         "overlap\" and 5=\"means the same thing\"), how similar are the two sentences?",
+         "{answer}"),
+        ("How similar are the following two sentences?\n\n{sentence1}\n{sentence2}\n\nGive "
+         "the answer on a scale from 0 - 5, where 0 is \"not similar at all\" and 5 is "
+         "\"means the same thing\".", "{answer}"),
+        ("Do the following sentences say the same thing?\n\n{sentence1}\n{sentence2}\n\n"
+         "Return your answer on a scale from 0 to 5, where 0 is \"not similar\" and 5 is "
+         "\"very similar\".", "{answer}"),
+    ), metric_fns=(metrics.pearson_spearman,)),
     Dataset("glue_qqp", "glue/qqp:2.0.0", ("question1", "question2"), ("no", "yes"), (
         ("{question1}\n{question2}\nWould you say that these questions are the same?\n"
          "{options_}", "{answer}"),
@@ -128,7 +192,7 @@ DATASETS = (
          "{options_}", "{answer}"),
         ("{question1}\n\n{question2}\n\nAre these two questions paraphrases of each other?\n"
          "{options_}", "{answer}"),
-    )),
+    ), metric_fns=(YES_NO_F1, metrics.accuracy)),
     Dataset("glue_mnli", "glue/mnli:2.0.0", ("premise", "hypothesis"), NLI3, (
         ("Premise: {premise}\n\nHypothesis: {hypothesis}\n\nDoes the premise entail the "
          "hypothesis?\n\n{options_}", "{answer}"),
@@ -183,9 +247,8 @@ DATASETS = (
         ("{passage}\n\nWhat's the best answer to this question: {question}?\n\n{options_}",
          "{answer}"),
     )),
-    # TFDS CB labels: entailment, contradiction, neutral.
     Dataset("super_glue_cb", "super_glue/cb:1.0.2", ("premise", "hypothesis"),
-            ("yes", "no", "it is not possible to tell"), (
+            CB_OPTIONS, (
         ("{premise}\n\nBased on the paragraph above can we conclude that \"{hypothesis}\"?"
          "\n\n{options_}", "{answer}"),
         ("{premise}\n\nBased on that paragraph can we conclude that this sentence is true?\n"
@@ -195,7 +258,7 @@ DATASETS = (
         ("{premise}\nDoes this next sentence follow, given the preceding text?\n{hypothesis}"
          "\n\n{options_}", "{answer}"),
         ("{premise}\nCan we infer the following?\n{hypothesis}\n\n{options_}", "{answer}"),
-    )),
+    ), metric_fns=(metrics.accuracy, metrics.macro_f1(CB_OPTIONS))),
     # `question` is "cause" or "effect"; the options are the two choices.
     Dataset("super_glue_copa", "super_glue/copa:1.0.2",
             ("premise", "question", "choice1", "choice2"), _copa_options, (
@@ -220,19 +283,68 @@ DATASETS = (
         ("Does word \"{word}\" have the same meaning in the following two sentences?\n\n"
          "{sentence1}\n\n{sentence2}\n\n{options_}", "{answer}"),
     )),
+    # One example per answer option (`response`), grouped by question for exact match.
+    Dataset("super_glue_multirc", "super_glue/multirc:1.0.2",
+            ("paragraph", "question", "response"), YES_NO, (
+        ("{paragraph}\n\nQuestion: \"{question}\"\n\nResponse: \"{response}\"\n\nDoes the "
+         "response correctly answer the question?\n\n{options_}", "{answer}"),
+        ("{paragraph}\n\nQuestion: \"{question}\"\n\nResponse: \"{response}\"\n\nBased on "
+         "the paragraph, is the response to the question is factually correct?\n\n{options_}",
+         "{answer}"),
+        ("{paragraph}\n\nQuestion: \"{question}\"\n\nAnswer: \"{response}\"\n\nIs this "
+         "answer correct?\n\n{options_}", "{answer}"),
+        ("Paragraph: {paragraph}\n\nQuestion: \"{question}\"\n\nAnswer: \"{response}\"\n\n"
+         "Based on the paragraph, is this answer correct\n\n{options_}", "{answer}"),
+        ("{paragraph}\n\nBased on the paragraph, does the response \"{response}\" correctly "
+         "answer the question \"{question}\"?\n\n{options_}", "{answer}"),
+    ), metric_fns=(metrics.multirc_f1a_em,)),
+    # SuperGLUE's RTE (TFDS labels: entailment, not_entailment), FLAN's RTE patterns.
+    Dataset("super_glue_rte", "super_glue/rte:1.0.2", ("premise", "hypothesis"), ("yes", "no"), (
+        ("{premise}\n\nBased on the paragraph above can we conclude that \"{hypothesis}\"?"
+         "\n\n{options_}", "{answer}"),
+        ("{premise}\n\nBased on that paragraph can we conclude that this sentence is true?\n"
+         "{hypothesis}\n\n{options_}", "{answer}"),
+        ("{premise}\n\nCan we draw the following conclusion?\n{hypothesis}\n\n{options_}",
+         "{answer}"),
+        ("{premise}\nDoes this next sentence follow, given the preceding text?\n{hypothesis}"
+         "\n\n{options_}", "{answer}"),
+        ("{premise}\nCan we infer the following?\n{hypothesis}\n\n{options_}", "{answer}"),
+    )),
+    # FLAN's context/text1/text2 are TFDS's text/span1_text/span2_text.
+    Dataset("super_glue_wsc", "super_glue/wsc:1.0.2", ("text", "span1_text", "span2_text"),
+            YES_NO, (
+        ("{text}\n\nAre \"{span1_text}\" and \"{span2_text}\" the same entity?\n\n{options_}",
+         "{answer}"),
+        ("{text}\n\nDo \"{span1_text}\" and \"{span2_text}\" have the same meaning?\n\n"
+         "{options_}", "{answer}"),
+        ("Given the following context\n\n{text}\n\nAre \"{span1_text}\" and \"{span2_text}\" "
+         "the same?\n\n{options_}", "{answer}"),
+        ("{text}\n\nDo \"{span2_text}\" and \"{span1_text}\" mean the same thing?\n\n"
+         "{options_}", "{answer}"),
+        ("{text}\n\nAre \"{span2_text}\" and \"{span1_text}\" the same thing in the "
+         "aforementioned sentence?\n\n{options_}", "{answer}"),
+    )),
 )
 
 
-def make_source(dataset: Dataset) -> sources.TfdsSource:
-    """The TFDS source of one dataset, records prepared with `options` and `answer`."""
-    return sources.TfdsSource(
-        dataset.name, dataset.tfds_name, dataset.splits,
-        (*dataset.fields, "label", "options", "answer"), id_field="idx",
-        prepare=make_prepare(dataset.name, dataset.options))
+def make_source(dataset: Dataset) -> sources.RecordSource:
+    """The dataset's local files when they are here (`glue_files.LOCAL`), else its
+    TFDS builder; records prepared with `options` and `answer`."""
+    if dataset.options is None:
+        fields, prepare = (*dataset.fields, "label", "answer"), _prepare_stsb
+    else:
+        fields = (*dataset.fields, "label", "options", "answer")
+        prepare = make_prepare(dataset.name, dataset.options)
+    local = LOCAL.get(dataset.name)
+    if local:
+        return sources.FileSource(dataset.name, local.subdir, local.files, fields,
+                                  id_field="idx", prepare=prepare, reader=local.reader)
+    return sources.TfdsSource(dataset.name, dataset.tfds_name, dataset.splits, fields,
+                              id_field="idx", prepare=prepare)
 
 
 SOURCES = {d.name: make_source(d) for d in DATASETS}
 TEMPLATES = {d.name: PatternTemplate.from_tuples(d.name, d.patterns) for d in DATASETS}
 
 NAMES = tuple(name for d in DATASETS for name in instructions.register_variants(
-    d.name, SOURCES[d.name], TEMPLATES[d.name], metric_fns=[metrics.accuracy]))
+    d.name, SOURCES[d.name], TEMPLATES[d.name], metric_fns=list(d.metric_fns)))

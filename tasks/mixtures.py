@@ -7,6 +7,8 @@
 - `ift_synthetic`: the generated tasks (the embedded default trains on it).
 - `GUARD_TASKS` / `ift_guard`: tasks kept out of training, evaluated to
   measure forgetting.
+- `mmlu_0shot`, `mmlu_5shot`, `bbh_direct`, `bbh_cot`: the benchmark suites'
+  tasks (`ift_jax.suites`), for evaluation only (training refuses them).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 
 import seqio
 
+from ift_jax import suites
 from ift_jax.tasks import t0
 
 EXAMPLES_CAP = 3000  # FLAN caps at 30k; our datasets are ~100x smaller.
@@ -48,3 +51,5 @@ register_mixture("ift_dialogsum", ["dialogsum"], default_rate=1.0)
 register_mixture("ift_multitask", MULTITASK_TASKS, examples_proportional(EXAMPLES_CAP))
 register_mixture("ift_synthetic", SYNTHETIC_TASKS, default_rate=1.0)
 register_mixture("ift_guard", GUARD_TASKS, default_rate=1.0)
+for _suite in ("mmlu_0shot", "mmlu_5shot", "bbh_direct", "bbh_cot"):
+    register_mixture(_suite, suites.get(_suite).tasks, default_rate=1.0)

@@ -162,7 +162,7 @@ def test_train_help_shows_the_config_tree_with_values_and_comments(capsys):
     out = capsys.readouterr().out
     assert "--workdir=DIR" in out and "--allow_config_changes=KEY,..." in out
     assert "config configs/default.py" in out
-    assert "    every = 100             # Steps; 0 = no evaluation during training." in out
+    assert re.search(r"\n    every = 100 +# Steps; 0 = no evaluation during training\.\n", out)
     assert "  # Start-up order: resume from the workdir, else init_from" in out
     assert "    steps = 200\n" in out
 

@@ -1,4 +1,5 @@
-"""GLUE/SuperGLUE tasks: registration, TFDS feature names, and rendering on mocked TFDS data."""
+"""GLUE/SuperGLUE tasks: registration, TFDS feature names, rendering on mocked TFDS data (MNLI,
+QQP) and on the local dev/validation files (the others)."""
 
 import collections
 import json
@@ -8,11 +9,12 @@ import seqio
 import tensorflow_datasets as tfds
 
 from ift_jax.data import sources
-from ift_jax.tasks import glue
+from ift_jax.tasks import glue, glue_files
 
 NUM_EXAMPLES = 4
 SEQUENCE_LENGTH = {"inputs": 256, "targets": 16}
-RENDERED = ("glue_rte", "glue_mnli", "super_glue_copa", "super_glue_boolq")
+RENDERED = ("glue_mnli", "glue_qqp")  # The TFDS ones; the others read local files.
+LOCAL_RENDERED = ("glue_rte", "super_glue_copa", "super_glue_boolq", "super_glue_multirc")
 
 
 def _clear_caches():
@@ -38,10 +40,15 @@ def _examples(name, split="validation"):
     return list(dataset.as_numpy_iterator())
 
 
+# Train splits are here for SST-2, MRPC, STS-B and RTE; MNLI and QQP come from TFDS.
+WITH_TRAIN = {"glue_sst2", "glue_mrpc", "glue_stsb", "glue_rte", "glue_mnli", "glue_qqp"}
+
+
 def test_registers_every_dataset_with_its_variants():
     expected = {f"{d.name}{suffix}" for d in glue.DATASETS
-                for suffix in ("", "_all_templates", "_3shot")}
-    assert len(glue.DATASETS) == 12
+                for suffix in ("", "_all_templates", "_3shot")
+                if suffix != "_3shot" or d.name in WITH_TRAIN}
+    assert len(glue.DATASETS) == 16
     assert set(glue.NAMES) == expected
     assert expected <= set(seqio.TaskRegistry.names())
 
@@ -51,22 +58,31 @@ def test_templates_use_options_and_answer_only_declared_fields():
         templates = glue.TEMPLATES[dataset.name]
         assert 3 <= len(templates) <= 5, dataset.name
         for template in templates:
-            assert "{options_}" in template.inputs and template.targets == "{answer}"
+            # STS-B is a regression: no options to offer.
+            assert ("{options_}" in template.inputs) == (dataset.name != "glue_stsb")
+            assert template.targets == "{answer}"
             assert template.fields() <= set(glue.SOURCES[dataset.name].fields)
 
 
 def test_fields_are_the_tfds_builders_feature_names():
     for dataset in glue.DATASETS:
         features = tfds.builder(dataset.tfds_name).info.features
-        assert {*dataset.fields, "label", "idx"} <= set(features), dataset.tfds_name
-        if not callable(dataset.options):
+        # MultiRC's answer text is FLAN's `response`: `answer` is the label text here.
+        fields = {*dataset.fields, "label", "idx"} - {"response"}
+        assert fields <= set(features), dataset.tfds_name
+        if dataset.options is not None and not callable(dataset.options):
             assert len(dataset.options) == features["label"].num_classes, dataset.name
 
 
-def test_only_labelled_splits_and_mnli_matched_validation():
-    for source in glue.SOURCES.values():
-        assert source.splits == ("train", "validation")
+def test_local_files_where_present_tfds_for_mnli_and_qqp():
+    tfds_backed = {n for n, s in glue.SOURCES.items() if isinstance(s, sources.TfdsSource)}
+    assert tfds_backed == {"glue_mnli", "glue_qqp"}
+    for name, source in glue.SOURCES.items():
         assert source.id_field == "idx"
+        expected = ("train", "validation") if name in WITH_TRAIN else ("validation",)
+        assert sorted(source.splits) == sorted(expected), name
+        if name not in tfds_backed:
+            assert source.reader is glue_files.LOCAL[name].reader
     assert glue.SOURCES["glue_mnli"].split_map["validation"] == "validation_matched"
 
 
@@ -102,8 +118,9 @@ def test_all_templates_variant_renders_each_example_with_each_template(mock_tfds
 
 
 def test_few_shot_variant_prepends_train_exemplars(mock_tfds):
-    for example in _examples("glue_rte_3shot"):
-        assert example["inputs_pretokenized"].decode().count("OPTIONS:") == 4
+    for name in ("glue_mnli_3shot", "glue_rte_3shot"):  # TFDS (mocked) and local train.
+        for example in _examples(name)[:NUM_EXAMPLES]:
+            assert example["inputs_pretokenized"].decode().count("OPTIONS:") == 4
 
 
 def test_train_records_carry_options_and_answer(mock_tfds):
@@ -111,9 +128,22 @@ def test_train_records_carry_options_and_answer(mock_tfds):
         for record in glue.SOURCES[name].load("train"):
             assert record["answer"] == record["options"][record["label"]]
             assert record[sources.ID_FIELD] == str(record["idx"])
-    rte = glue.SOURCES["glue_rte"].load("train")
-    assert all(r["options"] == ["yes", "no"] for r in rte)
-    copa = glue.SOURCES["super_glue_copa"].load("train")
-    assert all(r["options"] == [r["choice1"], r["choice2"]] for r in copa)
     mnli = glue.SOURCES["glue_mnli"].load("train")
     assert all(r["options"] == list(glue.NLI3) for r in mnli)
+    rte = glue.SOURCES["glue_rte"].load("train")  # Local: GLUE's RTE/train.tsv.
+    assert len(rte) == 2490 and all(r["options"] == ["yes", "no"] for r in rte)
+    assert all(r["answer"] == r["options"][r["label"]] for r in rte)
+
+
+@pytest.mark.parametrize("name", LOCAL_RENDERED)
+def test_local_validation_examples_are_rendered_with_options(name):
+    examples = _examples(name)
+    for example in examples[:50]:
+        inputs = example["inputs_pretokenized"].decode()
+        targets = example["targets_pretokenized"].decode()
+        options = inputs.split("OPTIONS:\n- ", 1)[1].split("\n- ")
+        assert targets in options
+        assert json.loads(example["choices"]) == options
+        assert example["template"].decode().startswith(name + "_")
+    copa = glue.SOURCES["super_glue_copa"].load("validation")
+    assert all(r["options"] == [r["choice1"], r["choice2"]] for r in copa)

@@ -35,11 +35,16 @@ def _by_hand(scores):
     return {k: 100 * sum(s[k].fmeasure for s in scores) / len(scores) for k in ROUGE_TYPES}
 
 
-def test_rouge_is_mean_of_rouge_scorer_f_measures():
+def _f_measures(scores):
+    return {k: scores[k] for k in ROUGE_TYPES}
+
+
+def test_rouge_t5_split_is_mean_of_rouge_scorer_f_measures():
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     expected = _by_hand([scorer.score(t.replace(" . ", " .\n"), p.replace(" . ", " .\n"))
                          for t, p in zip(SUMMARIES, PREDICTIONS)])
-    assert metrics.rouge(SUMMARIES, PREDICTIONS) == pytest.approx(expected, abs=1e-9)
+    got = metrics.rouge(SUMMARIES, PREDICTIONS, sentence_split="t5")
+    assert _f_measures(got) == pytest.approx(expected, abs=1e-9)
 
 
 def test_rouge_multi_reference_takes_best_reference_per_example():
@@ -48,30 +53,113 @@ def test_rouge_multi_reference_takes_best_reference_per_example():
     expected = _by_hand([scorer.score_multi([r.replace(" . ", " .\n") for r in refs],
                                             p.replace(" . ", " .\n"))
                          for refs, p in zip(targets, PREDICTIONS)])
-    assert metrics.rouge(targets, PREDICTIONS) == pytest.approx(expected, abs=1e-9)
+    got = metrics.rouge(targets, PREDICTIONS, sentence_split="t5")
+    assert _f_measures(got) == pytest.approx(expected, abs=1e-9)
     assert expected != _by_hand([scorer.score(t, p) for t, p in zip(SUMMARIES, PREDICTIONS)])
 
 
-def test_rouge_lsum_splits_sentences_at_spaced_full_stops():
-    scores = metrics.rouge(["a b c . d e f"], ["d e f . a b c"])
+def test_rouge_t5_split_splits_sentences_only_at_spaced_full_stops():
+    scores = metrics.rouge(["a b c . d e f"], ["d e f . a b c"], sentence_split="t5")
     assert scores["rougeLsum"] == pytest.approx(100.0)
     assert scores["rougeL"] < 100.0
+    natural = metrics.rouge(["Tom left. Anna stayed."], ["Anna stayed. Tom left."],
+                            sentence_split="t5")
+    assert natural["rougeLsum"] == natural["rougeL"] < 100.0
 
 
 def test_rouge_without_stemmer_matches_library():
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
-    expected = 100 * scorer.score("cats are running", "a cat runs")["rouge1"].fmeasure
-    got = metrics.rouge(["cats are running"], ["a cat runs"], rouge_types=("rouge1",),
+    expected = scorer.score("cats are running", "a cat is running")["rouge1"]
+    got = metrics.rouge(["cats are running"], ["a cat is running"], rouge_types=("rouge1",),
                         use_stemmer=False)
-    assert got == {"rouge1": pytest.approx(expected)}
+    assert got == {"rouge1": pytest.approx(100 * expected.fmeasure),
+                   "rouge1_precision": pytest.approx(100 * expected.precision),
+                   "rouge1_recall": pytest.approx(100 * expected.recall)}
+    stemmed = metrics.rouge(["cats are running"], ["a cat is running"], rouge_types=("rouge1",))
+    assert 0 < got["rouge1"] < stemmed["rouge1"]
 
 
 def test_rouge_perfect_predictions_score_100():
-    assert metrics.rouge(SUMMARIES, SUMMARIES) == pytest.approx(dict.fromkeys(ROUGE_TYPES, 100.0))
+    scores = metrics.rouge(SUMMARIES, SUMMARIES)
+    assert len(scores) == 3 * len(ROUGE_TYPES)
+    assert scores == pytest.approx(dict.fromkeys(scores, 100.0))
 
 
 def test_rouge_empty_prediction_scores_0():
-    assert metrics.rouge(SUMMARIES[:1], [""]) == dict.fromkeys(ROUGE_TYPES, 0.0)
+    scores = metrics.rouge(SUMMARIES[:1], [""])
+    assert len(scores) == 3 * len(ROUGE_TYPES) and set(scores.values()) == {0.0}
+
+
+# The seeds' worked examples (reference "It is cold outside.").
+COLD = "It is cold outside."
+
+
+def test_rouge_precision_recall_f_on_the_worked_example():
+    scores = metrics.rouge([COLD], ["It is very cold outside."])
+    assert scores["rouge1_precision"] == pytest.approx(80.0)
+    assert scores["rouge1_recall"] == pytest.approx(100.0)
+    assert round(scores["rouge1"], 2) == 88.89
+    assert scores["rouge2_precision"] == pytest.approx(50.0)
+    assert round(scores["rouge2_recall"], 2) == 66.67
+    assert round(scores["rouge2"], 2) == 57.14
+
+
+def test_rouge_clips_repeated_words_and_rouge2_sees_word_order():
+    assert metrics.rouge([COLD], ["cold cold cold cold"])["rouge1_precision"] == 25.0
+    shuffled = metrics.rouge([COLD], ["outside cold it is"])
+    assert shuffled["rouge1"] == pytest.approx(100.0)
+    assert shuffled["rouge2"] == pytest.approx(100 / 3)
+
+
+# A DialogSum-style summary pair, three sentences each, in natural (untokenized) text.
+DIALOG_REFERENCE = ("#Person1# is looking for a new apartment near the university. #Person2# "
+                    "shows #Person1# a two-bedroom flat with a balcony. #Person1# thinks the "
+                    "rent is too high and will think it over.")
+DIALOG_PREDICTION = ("#Person2# shows #Person1# a flat with two bedrooms. #Person1# says the "
+                     "rent is too high. #Person1# wants an apartment near the university.")
+DIALOG_SENTENCES = (
+    ["#Person1# is looking for a new apartment near the university.",
+     "#Person2# shows #Person1# a two-bedroom flat with a balcony.",
+     "#Person1# thinks the rent is too high and will think it over."],
+    ["#Person2# shows #Person1# a flat with two bedrooms.",
+     "#Person1# says the rent is too high.",
+     "#Person1# wants an apartment near the university."])
+
+
+def test_rouge_lsum_on_natural_text_equals_rouge_score_with_one_sentence_per_line():
+    scorer = rouge_scorer.RougeScorer(["rougeL", "rougeLsum"], use_stemmer=True)
+    reference, prediction = ("\n".join(s) for s in DIALOG_SENTENCES)
+    expected = scorer.score(reference, prediction)
+    got = metrics.rouge([DIALOG_REFERENCE], [DIALOG_PREDICTION])
+    assert metrics.rouge_sentence_split() == "pysbd"
+    assert got["rougeLsum"] == pytest.approx(100 * expected["rougeLsum"].fmeasure)
+    assert got["rougeLsum_precision"] == pytest.approx(100 * expected["rougeLsum"].precision)
+    assert got["rougeL"] == pytest.approx(100 * expected["rougeL"].fmeasure)
+    assert got["rougeLsum"] > got["rougeL"] + 10  # 63.0 vs 44.4
+    t5 = metrics.rouge([DIALOG_REFERENCE], [DIALOG_PREDICTION], sentence_split="t5")
+    assert t5["rougeLsum"] == pytest.approx(t5["rougeL"]) == pytest.approx(got["rougeL"])
+
+
+def test_sentence_splitter_keeps_abbreviations_and_decimals_inside_sentences():
+    text = ("Mr. Smith books a table for 7 p.m. at the U.S. embassy. It costs 3.50 dollars!\n"
+            "#Person2# agrees")
+    assert metrics.split_sentences(text).split("\n") == [
+        "Mr. Smith books a table for 7 p.m. at the U.S. embassy.", "It costs 3.50 dollars!",
+        "#Person2# agrees"]
+    assert metrics.split_sentences(text, "none") == text
+
+
+def test_rouge_sentence_split_setting_is_the_default_and_is_checked():
+    try:
+        metrics.set_rouge_sentence_split("t5")
+        assert metrics.rouge([DIALOG_REFERENCE], [DIALOG_PREDICTION]) == metrics.rouge(
+            [DIALOG_REFERENCE], [DIALOG_PREDICTION], sentence_split="t5")
+    finally:
+        metrics.set_rouge_sentence_split("pysbd")
+    with pytest.raises(ValueError, match="'nltk' is not one of: pysbd, t5, none"):
+        metrics.set_rouge_sentence_split("nltk")
+    with pytest.raises(ValueError, match="is not one of"):
+        metrics.rouge(["a"], ["a"], sentence_split="punkt")
 
 
 def test_bleu_matches_sacrebleu_single_reference():

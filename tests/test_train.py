@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ift_jax.configs import default
-from ift_jax import checkpointing, losses, model_setup, partitioning, runs, train
+from ift_jax import checkpointing, errors, losses, model_setup, partitioning, runs, train
 
 
 def tiny_config(**train_overrides):
@@ -142,7 +142,15 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     config = tiny_config(steps=4)
     train.train_and_evaluate(config, str(tmp_path))
     config.train.steps = 6
-    train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(errors.ConfigError, match=r"was trained with another config: "
+                       r"train.steps 4 -> 6; to resume with these changes pass "
+                       r"--allow_config_changes=train.steps"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
+    train.train_and_evaluate(config, str(tmp_path), allow_config_changes=["train.steps"])
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 6
+    changes = [json.loads(line) for line in (tmp_path / "config_changes.jsonl").open()]
+    assert changes == [{"step": 4, "key": "train.steps", "old": 4, "new": 6}]
     rows = [json.loads(line) for line in (tmp_path / "train_metrics.jsonl").read_text()
             .splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]

@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 import numpy as np
 import seqio
 
+from ift_jax import errors
 from ift_jax.data.instructions import InstructionDataSource
 
 PERCENTILES = (50, 90, 95, 99, 100)
@@ -55,7 +56,7 @@ def preview(name: str, split: str = "validation", n: int = 3) -> list[dict[str, 
     """The first `n` rendered examples of a task: template, id, inputs, targets."""
     source = tasks_of(name)[0].source
     if not isinstance(source, InstructionDataSource):
-        raise ValueError(f"{name!r} is not an instruction task; cannot preview it")
+        raise errors.DataError(f"{name!r} is not an instruction task; cannot preview it")
     columns = source.rendered(split)
     keys = ("template", "id", "inputs", "targets", "references")
     return [{k: columns[k][i] for k in keys} for i in range(min(n, len(columns["inputs"])))]

@@ -13,15 +13,21 @@ split:
 - `num_shots=k`: k exemplars from the train split (never the example
   itself), rendered with the same template and joined FLAN-style; with
   `fit_inputs_length` set, the last exemplars are dropped until the input
-  fits that many tokens (in-context baselines).
+  fits that many tokens (in-context baselines). Exemplars are drawn at
+  random per example, or, with `exemplar_order="first"`, are the first k of
+  the exemplar split in file order (MMLU's dev exemplars, as the original
+  evaluation code takes them). The few-shot format's `prefix` (e.g. MMLU's
+  header) comes first even with no exemplars.
 
 Rendered features (strings): `inputs`, `targets`, `id`, `template`,
 `references` (JSON list: the record's `references` field when it has one,
 e.g. dialogsum test's three summaries, else `[targets]`), `choices` (JSON
 list of the template's answer choices, `[]` when it has none; evaluation
-ranks them) and `shots` (exemplars actually used). Tokenization and
-EOS come from SeqIO's own preprocessors; evaluation gets the references
-back through `postprocess`.
+ranks them), `shots` (exemplars actually used) and `group` (the record's
+`group` field, `""` when it has none: rows that are scored together, e.g.
+the answer options of one MultiRC question). Tokenization and EOS come from
+SeqIO's own preprocessors; evaluation gets the references back through
+`postprocess`.
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ from typing import Any, Callable, Optional, Sequence
 import seqio
 import tensorflow as tf
 
+from ift_jax import errors
 from ift_jax.data import sources as sources_lib
 from ift_jax.data import templates as templates_lib
 from ift_jax.data.vocabularies import TASK_VOCABULARY
 
 RENDERED_FEATURES = ("inputs", "targets", "id", "template", "references", "choices",
-                     "shots")
+                     "shots", "group")
+GROUP_FIELD = "group"  # A record field naming the rows scored together (MultiRC questions).
 
 OUTPUT_FEATURES = {
     "inputs": seqio.Feature(TASK_VOCABULARY, add_eos=True, required=True),
@@ -46,6 +54,7 @@ OUTPUT_FEATURES = {
 }
 
 MODES = ("random", "all")
+EXEMPLAR_ORDERS = ("random", "first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +67,19 @@ class Rendering:
     seed: int = 0
     exemplar_split: str = "train"
     fit_inputs_length: int = 0  # Tokens (EOS included); 0 = keep every exemplar.
+    exemplar_order: str = "random"  # Or "first": the split's first k, in order.
+    # False keeps the rendered inputs' leading/trailing whitespace (MMLU's questions are
+    # used as written by the original code; targets are always stripped).
+    strip_inputs: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"rendering mode {self.mode!r}; modes: {', '.join(MODES)}")
+            raise errors.ConfigError(f"rendering mode {self.mode!r}; modes: {', '.join(MODES)}")
+        if self.exemplar_order not in EXEMPLAR_ORDERS:
+            raise errors.ConfigError(f"exemplar_order {self.exemplar_order!r}; orders: "
+                             f"{', '.join(EXEMPLAR_ORDERS)}")
         if self.num_shots < 0:
-            raise ValueError(f"num_shots must be >= 0, got {self.num_shots}")
+            raise errors.ConfigError(f"num_shots must be >= 0, got {self.num_shots}")
 
 
 def render_records(records: Sequence[dict], templates: Sequence[Any], rendering: Rendering,
@@ -79,12 +95,15 @@ def render_records(records: Sequence[dict], templates: Sequence[Any], rendering:
             chosen = [templates_lib.choose_template(templates, rendering.seed, example_id)]
         for t in chosen:
             template = templates[t]
-            inputs, targets = (text.strip() for text in template.render(record))
+            inputs, targets = template.render(record)
+            inputs, targets = inputs.strip() if rendering.strip_inputs else inputs, targets.strip()
             shots = 0
             if rendering.num_shots:
                 inputs, shots = _with_exemplars(inputs, template, rendering, example_id,
                                                 exemplar_pool,
                                                 index if pool_is_records else None)
+            else:
+                inputs = rendering.few_shot_format.prefix + inputs
             references = [r.strip() for r in record.get("references") or [targets]]
             columns["inputs"].append(inputs)
             columns["targets"].append(targets)
@@ -94,22 +113,29 @@ def render_records(records: Sequence[dict], templates: Sequence[Any], rendering:
             choices = template.answer_choices_for(record) or []
             columns["choices"].append(json.dumps(choices, ensure_ascii=False))
             columns["shots"].append(str(shots))
+            columns["group"].append(str(record.get(GROUP_FIELD, "")))
     return columns
 
 
 def _with_exemplars(inputs: str, template: Any, rendering: Rendering, example_id: str,
                     pool: Sequence[dict], exclude: Optional[int]) -> tuple[str, int]:
     """(inputs with exemplars, number of exemplars used)."""
-    picks = templates_lib.choose_exemplars(len(pool), rendering.num_shots, rendering.seed,
-                                           example_id, exclude=exclude)
+    if rendering.exemplar_order == "first":
+        picks = [i for i in range(len(pool)) if i != exclude][:rendering.num_shots]
+        if len(picks) < rendering.num_shots:
+            raise errors.DataError(f"cannot take {rendering.num_shots} exemplars from "
+                             f"{len(picks)} in split {rendering.exemplar_split!r}")
+    else:
+        picks = templates_lib.choose_exemplars(len(pool), rendering.num_shots,
+                                               rendering.seed, example_id, exclude=exclude)
     exemplars = [template.render(pool[i]) for i in picks]
+    fmt = rendering.few_shot_format
     for shots in range(len(exemplars), -1, -1):
-        text = templates_lib.format_few_shot(exemplars[:shots], inputs,
-                                             rendering.few_shot_format) if shots else inputs
+        text = templates_lib.format_few_shot(exemplars[:shots], inputs, fmt)
         if (not rendering.fit_inputs_length
                 or len(TASK_VOCABULARY.encode(text)) + 1 <= rendering.fit_inputs_length):
             return text, shots
-    return inputs, 0  # Too long even alone: truncated like any input.
+    return fmt.prefix + inputs, 0  # Too long even alone: truncated like any input.
 
 
 class InstructionDataSource(seqio.DataSource):
@@ -158,7 +184,7 @@ class InstructionDataSource(seqio.DataSource):
                     num_epochs: Optional[int] = 1) -> tf.data.Dataset:
         columns = self.rendered(split)
         if not columns["inputs"]:
-            raise ValueError(f"task {self.task_name!r}: split {split!r} has no examples")
+            raise errors.DataError(f"task {self.task_name!r}: split {split!r} has no examples")
         dataset = tf.data.Dataset.from_tensor_slices(columns)
         if shard_info and shard_info.num_shards > 1:
             # Shard before shuffling: hosts see disjoint examples that cover the split.
@@ -189,8 +215,8 @@ def register_task(name: str, source: sources_lib.RecordSource, templates: Sequen
     """
     templates_lib.validate_templates(name, templates, source.fields)
     if rendering.num_shots and rendering.exemplar_split not in source.splits:
-        raise ValueError(f"task {name!r}: few-shot exemplars come from split "
-                         f"{rendering.exemplar_split!r}, which source {source.name!r} lacks")
+        raise errors.DataError(f"task {name!r}: few-shot exemplars come from split "
+                               f"{rendering.exemplar_split!r}, which source {source.name!r} lacks")
     task = seqio.Task(
         name, InstructionDataSource(name, source, templates, rendering),
         output_features=OUTPUT_FEATURES,
@@ -233,11 +259,11 @@ def with_shots(task_name: str, shots: int, fit_inputs_length: int) -> seqio.Task
     task = seqio.get_mixture_or_task(task_name)
     source = task.source
     if not isinstance(source, InstructionDataSource):
-        raise ValueError(f"task {task_name!r} is not an instruction task (register_task); "
-                         "in-context evaluation renders exemplars from its templates")
+        raise errors.DataError(f"task {task_name!r} is not an instruction task (register_task); "
+                               "in-context evaluation renders exemplars from its templates")
     if shots and source.rendering.exemplar_split not in source.records.splits:
-        raise ValueError(f"task {task_name!r} has no {source.rendering.exemplar_split!r} "
-                         f"split to draw in-context exemplars from")
+        raise errors.DataError(f"task {task_name!r} has no {source.rendering.exemplar_split!r} "
+                               f"split to draw in-context exemplars from")
     rendering = dataclasses.replace(source.rendering, mode="random", num_shots=shots,
                                     fit_inputs_length=fit_inputs_length)
     return register_task(f"{task_name}_incontext_{shots}shot", source.records,

@@ -21,13 +21,14 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 
+from ift_jax import errors
 from ift_jax import fileio
 
 _JSON_TYPE_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number",
                     bool: "a boolean", type(None): "null"}
 
 
-class DataFileError(ValueError):
+class DataFileError(errors.DataError):
     """A data file that is missing or cannot be read as records."""
 
 
@@ -152,14 +153,15 @@ def read_records(path: str) -> list[dict]:
 
 def _check_fractions(fractions: Mapping[str, float]) -> None:
     if not fractions:
-        raise ValueError("split fractions are empty; give e.g. {'train': 0.9, 'validation': 0.1}")
+        raise errors.ConfigError("split fractions are empty; give e.g. {'train': 0.9, "
+                                 "'validation': 0.1}")
     negative = sorted(name for name, f in fractions.items() if f < 0)
     if negative:
-        raise ValueError(f"split fractions must not be negative: {', '.join(negative)}")
+        raise errors.ConfigError(f"split fractions must not be negative: {', '.join(negative)}")
     total = sum(fractions.values())
     if abs(total - 1.0) > 1e-6:
         listed = ", ".join(f"{name}={f}" for name, f in fractions.items())
-        raise ValueError(f"split fractions must sum to 1, got {total:g} ({listed})")
+        raise errors.ConfigError(f"split fractions must sum to 1, got {total:g} ({listed})")
 
 
 def _unit_interval(seed: int, example_id: str) -> float:
@@ -197,8 +199,8 @@ def _record_id(record: Mapping, index: int, id_field: str | Callable[[dict], str
     if callable(id_field):
         return str(id_field(record))
     if id_field not in record:
-        raise ValueError(f"record {index} has no id field {id_field!r}; it has fields: "
-                         f"{', '.join(sorted(record)) or '(none)'}")
+        raise errors.DataError(f"record {index} has no id field {id_field!r}; it has fields: "
+                               f"{', '.join(sorted(record)) or '(none)'}")
     return str(record[id_field])
 
 
@@ -224,8 +226,8 @@ def split_records(records: Iterable[dict], id_field: str | Callable[[dict], str]
     for index, record in enumerate(records):
         example_id = _record_id(record, index, id_field)
         if example_id in first_seen:
-            raise ValueError(f"duplicate id {example_id!r} (records {first_seen[example_id]} "
-                             f"and {index})")
+            raise errors.DataError(f"duplicate id {example_id!r} (records {first_seen[example_id]} "
+                                   f"and {index})")
         first_seen[example_id] = index
         splits[_pick_split(_unit_interval(seed, example_id), fractions)].append(record)
     return splits

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ift_jax import errors
 from ift_jax import fileio
 from ift_jax.data import records as records_lib
 
@@ -30,7 +31,7 @@ ID_FIELD = "_id"  # Every loaded record carries its id under this key.
 _data_dir_override: Optional[str] = None
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(errors.MissingError):
     """A task's data files are not where the data directory says."""
 
 
@@ -70,8 +71,8 @@ class RecordSource(abc.ABC):
     def load(self, split: str) -> list[dict]:
         """Prepared records of `split`, each with its id under `ID_FIELD`."""
         if split not in self.splits:
-            raise ValueError(f"source {self.name!r} has no split {split!r}; splits: "
-                             f"{', '.join(self.splits)}")
+            raise errors.DataError(f"source {self.name!r} has no split {split!r}; splits: "
+                                   f"{', '.join(self.splits)}")
         with self._lock:
             if split not in self._cache:
                 self._cache[split] = [self._prepared(i, r) for i, r in self._load_raw(split)]
@@ -81,8 +82,9 @@ class RecordSource(abc.ABC):
         out = dict(self._prepare(record) if self._prepare else record)
         missing = [f for f in self.fields if f not in out]
         if missing:
-            raise ValueError(f"source {self.name!r}: record {example_id!r} lacks declared "
-                             f"field(s) {', '.join(missing)}; it has: {', '.join(sorted(out))}")
+            raise errors.DataError(f"source {self.name!r}: record {example_id!r} lacks declared "
+                                   f"field(s) {', '.join(missing)}; it has: "
+                                   f"{', '.join(sorted(out))}")
         out[ID_FIELD] = example_id
         return out
 
@@ -92,13 +94,16 @@ class FileSource(RecordSource):
 
     Either `files` maps each split to its file(s), or `hash_split` maps split
     names to fractions and `files` has the one file (under any key) whose
-    records are split deterministically by a hash of their id.
+    records are split deterministically by a hash of their id. `reader(path)`
+    turns one file into records (default `records.read_records`); datasets in
+    a layout of their own (headerless TSV, nested JSON) pass theirs.
     """
 
     def __init__(self, name: str, subdir: str, files: Mapping[str, str | Sequence[str]],
                  fields: Sequence[str], *, id_field: Optional[str] = None,
                  prepare: Optional[Prepare] = None,
-                 hash_split: Optional[Mapping[str, float]] = None, split_seed: int = 0):
+                 hash_split: Optional[Mapping[str, float]] = None, split_seed: int = 0,
+                 reader: Callable[[str], list[dict]] = records_lib.read_records):
         splits = tuple(hash_split) if hash_split else tuple(files)
         super().__init__(name, fields, splits, prepare)
         self.subdir = subdir
@@ -106,8 +111,9 @@ class FileSource(RecordSource):
         self.id_field = id_field
         self.hash_split = dict(hash_split) if hash_split else None
         self.split_seed = split_seed
+        self.reader = reader
         if self.hash_split and len(self.files) != 1:
-            raise ValueError(f"source {name!r}: hash_split needs exactly one file entry")
+            raise errors.ConfigError(f"source {name!r}: hash_split needs exactly one file entry")
 
     @property
     def description(self) -> str:
@@ -131,7 +137,7 @@ class FileSource(RecordSource):
     def _records_of(self, key: str) -> list[tuple[str, dict]]:
         out = []
         for path in self.paths(key):
-            for index, record in enumerate(records_lib.read_records(path)):
+            for index, record in enumerate(self.reader(path)):
                 out.append((self._id_of(record, path, index), record))
         return out
 
@@ -139,8 +145,8 @@ class FileSource(RecordSource):
         if self.id_field is None:
             return f"{os.path.basename(path)}:{index}"
         if self.id_field not in record:
-            raise ValueError(f"{path}: record {index} has no id field {self.id_field!r}; "
-                             f"fields: {', '.join(sorted(record))}")
+            raise errors.DataError(f"{path}: record {index} has no id field {self.id_field!r}; "
+                                   f"fields: {', '.join(sorted(record))}")
         return str(record[self.id_field])
 
     @functools.cached_property
@@ -166,8 +172,8 @@ class TfdsSource(RecordSource):
                  prepare: Optional[Prepare] = None, tfds_data_dir: Optional[str] = None):
         super().__init__(name, fields, tuple(splits), prepare)
         if ":" not in tfds_name:
-            raise ValueError(f"source {name!r}: TFDS name {tfds_name!r} needs a version, "
-                             f"e.g. 'glue/rte:2.0.0' (seqio requires one)")
+            raise errors.ConfigError(f"source {name!r}: TFDS name {tfds_name!r} needs a version, "
+                                     f"e.g. 'glue/rte:2.0.0' (seqio requires one)")
         self.tfds_name = tfds_name
         self.split_map = dict(splits)
         self.id_field = id_field

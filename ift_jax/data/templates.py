@@ -33,11 +33,13 @@ import jinja2.exceptions
 import jinja2.meta
 import jinja2.sandbox
 
+from ift_jax import errors
+
 OPTIONS_FIELD = "options_"
 SEPARATOR = "|||"
 
 
-class TemplateError(ValueError):
+class TemplateError(errors.DataError):
     """A template that cannot be built, validated or rendered."""
 
 

@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 import seqio
 
+from ift_jax import errors
 from ift_jax import fileio
 
 ENV_VAR = "IFT_JAX_VOCAB"
@@ -31,9 +32,9 @@ def make_vocabulary(spec: str, extra_ids: int = 0) -> seqio.Vocabulary:
     if spec == "byte":
         return seqio.ByteVocabulary(extra_ids=extra_ids)
     if not fileio.exists(spec):  # seqio reads gs:// paths too (tf.io.gfile).
-        raise FileNotFoundError(
-            f"vocabulary {spec!r}: no such SentencePiece model file; use 'byte' or the path "
-            f"of a .model file (e.g. FLAN-T5's spiece.model)")
+        raise errors.MissingError(
+              f"vocabulary {spec!r}: no such SentencePiece model file; use 'byte' or the path "
+              f"of a .model file (e.g. FLAN-T5's spiece.model)")
     return seqio.SentencePieceVocabulary(spec, extra_ids=extra_ids)
 
 
@@ -151,7 +152,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
                     count += 1
         corpus = f.name
     if count == 0:
-        raise ValueError("no text to train a SentencePiece model on")
+        raise errors.DataError("no text to train a SentencePiece model on")
     try:
         spm.SentencePieceTrainer.train(
             input=corpus, model_prefix=model_prefix, vocab_size=vocab_size,
