@@ -337,7 +337,8 @@ def init_adapters(model: nn.Module, base_params: PyTree, rng: Array,
 # Trainable partition.
 
 
-def _method_trains(method: str, key: tuple[str, ...]) -> bool:
+def method_trains(method: str, key: tuple[str, ...]) -> bool:
+    """Whether `method` trains the leaf at `key` (without a `trainable_regex`)."""
     if method == "full":
         return True
     if method in ("lora", "qlora"):
@@ -376,7 +377,7 @@ def trainable_mask(params: PyTree, method: str,
         pattern = re.compile(trainable_regex)
         mask = {k: bool(pattern.fullmatch(trees.path(k))) for k in flat}
     else:
-        mask = {k: _method_trains(method, k) for k in flat}
+        mask = {k: method_trains(method, k) for k in flat}
     if not any(mask.values()):
         rule = (f"trainable_regex {trainable_regex!r}" if trainable_regex is not None
                 else f"method {method!r}")
