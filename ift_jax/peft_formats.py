@@ -38,6 +38,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -72,10 +73,12 @@ class LoadedAdapter:
     modules_to_save: dict
 
     def apply_to(self, base_params: Any) -> dict:
-        """The model's full params: `base_params` with this adapter on it."""
+        """The model's full params: `base_params` with this adapter on it (jax arrays:
+        qwix skips LoRA on numpy kernels)."""
         flat = dict(traverse_util.flatten_dict(base_params))
         flat.update(traverse_util.flatten_dict(self.modules_to_save))
-        return peft.with_adapter(traverse_util.unflatten_dict(flat), self.params)
+        base = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat))
+        return peft.with_adapter(base, self.params)
 
 
 # ----------------------------------------------------------------------------
