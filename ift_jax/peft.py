@@ -190,7 +190,14 @@ def build_models(config: t5.T5Config, method: MethodConfig) -> tuple[nn.Module, 
     The eval model differs only for LoRA with dropout (qwix has no
     deterministic switch, see `apply_lora(for_eval=True)`).
     """
-    model = t5.Transformer(config, additions=method.additions())
+    extra = method.additions()
+    if extra.prefix_length:
+        try:
+            additions_lib.prefix_slots(config.num_layers, config.num_decoder_layers,
+                                       extra.prefix_placement)
+        except ValueError as e:
+            raise PeftError(str(e)) from None
+    model = t5.Transformer(config, additions=extra)
     if method.prompt is not None:
         model = apply_prompt_tuning(model, method.prompt)
     if method.lora is not None:

@@ -126,6 +126,8 @@ def test_method_settings_are_checked():
         peft.MethodConfig("ia3", ia3=peft.IA3Config(("k",))).additions()
     with pytest.raises(peft.PeftError, match="unknown PEFT method 'adapters'"):
         peft.MethodConfig("adapters")
+    with pytest.raises(peft.PeftError, match="'peft' needs num_decoder_layers <= num_layers"):
+        peft.build_models(TINY.replace(num_decoder_layers=3), METHODS["prefix_peft_mlp"])
 
 
 # ----------------------------------------------------------------------------
