@@ -16,7 +16,7 @@ the warm-up's peak, compilation included, is reported beside it).
   those weights as a fine-tuning run does; otherwise from a random init.
   With `export_dir` it first writes what the peer needs to start from the
   same weights: the base model (`hf.save_t5`, unless `init_from` has it),
-  its initial LoRA adapters (`hf.save_peft_adapter`) and soft prompt
+  its initial LoRA adapters (`peft_formats.save_peft`) and soft prompt
   (`prompt.npy`).
 - `peer`: `transformers.T5ForConditionalGeneration.from_pretrained` of
   `init_from` (else of `hf_dir`), with the adapters / prompt of `hf_dir`,
@@ -178,7 +178,7 @@ def _export(setup, state, frozen, out_dir: str) -> None:
     """Our initial weights as an HF directory (+ the soft prompt) for the peer."""
     import jax
     from flax import traverse_util
-    from ift_jax import hf, model_setup, peft
+    from ift_jax import hf, model_setup, peft, peft_formats
 
     flat = traverse_util.flatten_dict(jax.device_get(model_setup.merge(state.params, frozen)))
     base_dir = setup.config.init_from or out_dir
@@ -189,9 +189,10 @@ def _export(setup, state, frozen, out_dir: str) -> None:
         hf.save_t5(out_dir, setup.t5_config, traverse_util.unflatten_dict(base))
         del base
     if any(k[-1] in peft.LORA_LEAVES for k in flat):  # Our initial A (and zero B).
-        hf.save_peft_adapter(os.path.join(out_dir, ADAPTER_DIR), setup.t5_config,
-                             traverse_util.unflatten_dict(flat),
-                             model_setup.lora_config(setup.config.peft, quantize=False), base_dir)
+        lora = peft.MethodConfig("lora", lora=model_setup.lora_config(setup.config.peft,
+                                                                      quantize=False))
+        peft_formats.save_peft(os.path.join(out_dir, ADAPTER_DIR), setup.t5_config,
+                               traverse_util.unflatten_dict(flat), lora, base_dir)
     if peft.PROMPT_PATH in flat:
         np.save(os.path.join(out_dir, PROMPT_FILE), np.asarray(flat[peft.PROMPT_PATH]))
     del flat

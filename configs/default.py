@@ -101,16 +101,33 @@ def get_config(arg=None):
     c.loss.normalization = "tokens"
 
     c.peft = ml_collections.ConfigDict()
-    c.peft.method = "full"  # full | lora | qlora | prompt
+    # One of ift_jax.peft.METHODS: full | lora | qlora | prompt | houlsby | pfeiffer | ia3 |
+    # prefix (docs/peft.md).
+    c.peft.method = "full"
     c.peft.trainable_regex = ""  # e.g. ".*layer_norm.*" for selective tuning.
     c.peft.lora_rank = 32
     c.peft.lora_alpha = 32.0
     c.peft.lora_dropout = 0.0
-    c.peft.lora_targets = ""  # Default: attention query and value, as HF PEFT.
+    # "" or "qv": attention query and value (HF PEFT's T5 default); "all": every linear
+    # layer of the blocks (attention q, k, v, o and the MLP); else a regex over module paths.
+    c.peft.lora_targets = ""
+    c.peft.lora_use_rslora = False  # rsLoRA: scale alpha / sqrt(r) instead of alpha / r.
+    c.peft.lora_use_dora = False  # DoRA: a trained magnitude per output unit (lora only).
     c.peft.qlora_tile_size = 64
     c.peft.prompt_length = 100
     c.peft.prompt_init = "vocab"  # uniform | vocab | text
-    c.peft.prompt_init_text = ""
+    c.peft.prompt_init_text = ""  # For init text: tokenized with the run's vocabulary.
+    c.peft.prompt_init_ids = ""  # For init text: token ids ("12 7 9"), used instead of the text.
+    c.peft.adapter_width = 64  # houlsby / pfeiffer: the bottleneck width.
+    c.peft.adapter_activation = "relu"  # houlsby / pfeiffer: between down and up projection.
+    # ia3: projections whose output is scaled (query, key, value, out, wi, wi_0, wi_1) and
+    # wo, whose input is (the MLP's intermediate activations). Default: HF PEFT's k, v, wo.
+    c.peft.ia3_targets = "key,value,wo"
+    c.peft.prefix_length = 20  # prefix: key/value positions per attention block.
+    # prefix: "all" (encoder self-, decoder self- and cross-attention, each layer its own)
+    # or "peft" (what HF PEFT does for T5: decoder self-attention only; exportable to PEFT).
+    c.peft.prefix_placement = "all"
+    c.peft.prefix_hidden = 0  # prefix: reparameterization MLP width while training (0: none).
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1

@@ -1,4 +1,4 @@
-"""Fine-tuning FLAN-T5 (small ... xxl) with full, LoRA, QLoRA or prompt tuning.
+"""Fine-tuning FLAN-T5 (small ... xxl) with full fine-tuning or any PEFT method.
 
 Presets are `key=value` pairs after the colon (big_vision style):
 
@@ -7,7 +7,8 @@ Presets are `key=value` pairs after the colon (big_vision style):
 
 - size: small | base | large | xl | xxl (the HF directory in `init_from` must hold
   that model: config.json, weights and spiece.model, which becomes the vocabulary)
-- method: full | lora | qlora | prompt
+- method: one of `ift_jax.peft.METHODS`: full | lora | qlora | prompt | houlsby |
+  pfeiffer | ia3 | prefix
 - task: dialogsum (single task, mixture `ift_dialogsum`) | multitask (`ift_multitask`)
 - runlocal: shrink steps and batch for a quick check on a laptop
 
@@ -18,12 +19,18 @@ Hyper-parameters follow the literature:
   base kernels in NF4 with tile size 64.
 - prompt: Adafactor, constant lr 0.3, weight decay 1e-5, no parameter scaling,
   100 prompt tokens initialized from the vocabulary (Lester et al. 2021).
+- houlsby / pfeiffer: AdamW lr 3e-4, bottleneck width d_model / 16 (Pfeiffer et
+  al. 2021's reduction factor 16; lr as Mahabadi et al. 2021's T5-base adapters).
+- ia3: Adafactor, constant lr 3e-3, no parameter scaling (T-Few, Liu et al. 2022).
+- prefix: AdamW lr 5e-4, 20 prefix positions in every attention block, trained
+  through a reparameterization MLP of width 512 (Li & Liang 2021).
 """
 
+from ift_jax import peft
 from ift_jax.configs import default
 
 SIZES = ("small", "base", "large", "xl", "xxl")
-METHODS = ("full", "lora", "qlora", "prompt")
+METHODS = peft.METHODS
 TASKS = {"dialogsum": "ift_dialogsum", "multitask": "ift_multitask"}
 
 
@@ -62,10 +69,19 @@ def get_config(arg=None):
     elif p["method"] in ("lora", "qlora"):
         o.name, o.learning_rate = "adamw", 1e-3
         c.peft.lora_rank, c.peft.lora_alpha, c.peft.lora_dropout = 32, 32.0, 0.05
-    else:
+    elif p["method"] == "prompt":
         o.name, o.learning_rate, o.weight_decay = "adafactor", 0.3, 1e-5
         c.peft.prompt_length, c.peft.prompt_init = 100, "vocab"
         c.data.pack = False  # One prompt per example: packed rows would share it.
+    elif p["method"] in ("houlsby", "pfeiffer"):
+        o.name, o.learning_rate = "adamw", 3e-4
+        c.peft.adapter_width = {"small": 32, "base": 48, "large": 64, "xl": 128,
+                                "xxl": 256}[p["size"]]
+    elif p["method"] == "ia3":
+        o.name, o.learning_rate = "adafactor", 3e-3
+    else:
+        o.name, o.learning_rate = "adamw", 5e-4
+        c.peft.prefix_length, c.peft.prefix_hidden = 20, 512
     if p["runlocal"]:
         c.train.steps, c.train.batch_size = 20, 4
         c.train.log_every, c.train.checkpoint_every = 5, 10

@@ -16,8 +16,7 @@ from typing import Optional
 
 import jax
 
-from ift_jax import errors
-from ift_jax import hf, model_setup, peft, runs
+from ift_jax import errors, hf, model_setup, peft, peft_formats, runs
 from ift_jax.models import t5
 
 
@@ -33,12 +32,9 @@ def _read(workdir: str, step: Optional[int], mesh: Optional[dict[str, int]]
 
 def export_hf(workdir: str, output: str, step: Optional[int] = None,
               mesh: Optional[dict[str, int]] = None) -> str:
-    """Writes the run as an HF directory (merged); returns a summary line."""
+    """Writes the run as an HF directory, its method merged into the weights
+    (LoRA family, IA3; others are refused with the reason); returns a summary line."""
     setup, params, step = _read(workdir, step, mesh)
-    if setup.method == "prompt":
-        raise errors.ConfigError("--format=hf writes a plain T5, and a prompt-tuned run has none: "
-                                 "its prompt is an input, not a weight; use ift-jax predict/eval "
-                                 "with the run itself")
     plain = runs.host_params(runs.plain_params(setup, params))
     if jax.process_index() == 0:
         hf.save_t5(output, setup.t5_config.replace(dtype=t5.T5Config().dtype), plain)
@@ -48,20 +44,25 @@ def export_hf(workdir: str, output: str, step: Optional[int] = None,
 
 def export_peft(workdir: str, output: str, step: Optional[int] = None,
                 mesh: Optional[dict[str, int]] = None) -> str:
-    """Writes the run's LoRA adapter in HF PEFT format; returns a summary line."""
+    """Writes the run's trained params in HF PEFT's format for its method (LoRA with
+    rsLoRA/DoRA and any other trained leaves as `modules_to_save`, IA3, prompt and
+    prefix tuning); returns a summary line.
+
+    Raises:
+      ConfigError: full fine-tuning (export it with --format=hf).
+      PeftError: a method or setting PEFT has no format for, saying why.
+    """
     setup, params, step = _read(workdir, step, mesh)
-    if setup.method not in ("lora", "qlora"):
-        advice = ("use --format=hf for the whole model" if setup.method == "full"
-                  else "this method has no PEFT-format export yet")
-        raise errors.ConfigError(f"--format=peft exports LoRA adapters; this run's method is "
-                                 f"{setup.method!r} ({advice})")
-    cfg = model_setup.lora_config(setup.config.peft, quantize=setup.method == "qlora")
+    if setup.method == "full" and not setup.config.peft.trainable_regex:
+        raise errors.ConfigError("--format=peft writes adapters, and this run fine-tuned the "
+                                 "whole model; use --format=hf")
     base = setup.config.init_from or ""
-    adapter = runs.host_params(peft.split_params(params, peft.trainable_mask(
-        params, setup.method))[0])
+    # PEFT files hold the trained leaves only (the base gives the rest): gather those.
+    host = runs.host_params(peft.split_params(params, setup.trainable_mask(params))[0])
     if jax.process_index() == 0:
-        hf.save_peft_adapter(output, setup.t5_config, adapter, cfg, base)
-    return f"wrote LoRA adapter of {workdir} step {step} to {output} (base: {base or '?'})"
+        peft_formats.save_peft(output, setup.t5_config, host, setup.method_config, base)
+    return (f"wrote {setup.method} adapter of {workdir} step {step} to {output} "
+            f"(base: {base or '?'})")
 
 
 def _copy_vocabulary(setup: model_setup.Setup, output: str) -> None:

@@ -6,9 +6,7 @@ sharded safetensors with `model.safetensors.index.json`, or
 `torch.load(weights_only=True)`) into a `T5Config` and a param tree in t5x
 naming. `save_t5` writes the reverse, a directory that
 `transformers.T5ForConditionalGeneration.from_pretrained` loads.
-`save_peft_adapter` / `load_peft_adapter` / `load_peft_config` write and read
-LoRA adapters in HF PEFT format (`adapter_config.json` +
-`adapter_model.safetensors`), which `peft.PeftModel.from_pretrained` loads.
+Adapters in HF PEFT's formats (every method) are `ift_jax.peft_formats`.
 
 Tied embeddings and decoder-output scaling are two separate facts here
 (transformers 5.x forces `tie_word_embeddings=True` and keeps v1.0 vs v1.1 in
@@ -28,13 +26,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Callable, Iterable, NamedTuple
 
-import flax.linen as nn
 import jax
 import numpy as np
-from flax import traverse_util
 
 from ift_jax import errors
 from ift_jax.models.t5 import T5Config
@@ -372,169 +367,3 @@ def save_t5(out_dir: str, config: T5Config, params: dict, *, dtype: Any = np.flo
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_to_hf(config), f, indent=2, sort_keys=True)
     save_file(tensors, os.path.join(out_dir, SAFETENSORS), metadata={"format": "pt"})
-
-
-# ----------------------------------------------------------------------------
-# LoRA adapters in HF PEFT format (adapter_config.json + adapter_model.safetensors).
-#
-# qwix keeps A as `[in, rank]` and B as `[rank, out]` with multi-axis inputs or
-# outputs flattened in kernel order (a query kernel `[embed, heads, kv]` has B
-# `[rank, heads * kv]`), which is exactly HF's `[heads * kv]` layout of `q`; so
-# PEFT's `lora_A.weight [rank, in]` is A.T and `lora_B.weight [out, rank]` is B.T.
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_SAFETENSORS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-_LORA_A, _LORA_B = "kernel_lora_a", "kernel_lora_b"
-
-
-def _lora_modules(c: T5Config) -> dict[tuple[str, ...], _Tensor]:
-    """Our module path (e.g. `encoder/layers_0/attention/query`) -> its HF weight."""
-    return {t.path[:-1]: t for t in tensor_map(c) if t.path[-1] == "kernel"}
-
-
-def _flat_params(tree: dict) -> dict[tuple[str, ...], Any]:
-    return traverse_util.flatten_dict(tree)
-
-
-def _hf_module(t: _Tensor) -> str:
-    return t.hf_name.removesuffix(".weight")
-
-
-def _target_modules(config: T5Config, paths: list[tuple[str, ...]]) -> list[str]:
-    """PEFT `target_modules`: short names (`q`, `v`) when they pick exactly `paths`."""
-    modules = _lora_modules(config)
-    names = sorted({_hf_module(modules[p]).rsplit(".", 1)[-1] for p in paths})
-    picked = {p for p, t in modules.items() if _hf_module(t).rsplit(".", 1)[-1] in names}
-    if picked == set(paths):
-        return names
-    return sorted(_hf_module(modules[p]) for p in paths)
-
-
-def save_peft_adapter(out_dir: str, config: T5Config, lora_params: dict, lora_cfg: Any,
-                      base_model_name_or_path: str) -> None:
-    """Writes the LoRA adapters of `lora_params` as a HF PEFT adapter directory.
-
-    `peft.PeftModel.from_pretrained(T5ForConditionalGeneration..., out_dir)`
-    then computes what our LoRA model computes (QLoRA: with its base in full
-    precision, as PEFT loads it).
-
-    Args:
-      lora_params: the LoRA model's params, full or just the LoRA subtree
-        (only `kernel_lora_a` / `kernel_lora_b` leaves are read).
-      lora_cfg: the `ift_jax.peft.LoraConfig` the adapters were trained with.
-      base_model_name_or_path: what PEFT records as the base model.
-    """
-    from safetensors.numpy import save_file
-    modules = _lora_modules(config)
-    flat = _flat_params(lora_params)
-    paths = sorted(k[:-1] for k in flat if k[-1] == _LORA_A)
-    if not paths:
-        raise CheckpointError("params hold no LoRA adapters (no kernel_lora_a leaves)")
-    tensors = {}
-    for path in paths:
-        if path not in modules:
-            raise CheckpointError(f"LoRA on {'/'.join(path)}, which has no HF T5 weight")
-        t = modules[path]
-        lora_a = np.asarray(jax.device_get(nn.unbox(flat[path + (_LORA_A,)])), np.float32)
-        lora_b = np.asarray(jax.device_get(nn.unbox(flat[path + (_LORA_B,)])), np.float32)
-        out_dim, in_dim = t.hf_shape
-        rank = lora_cfg.rank
-        if lora_a.shape != (in_dim, rank) or lora_b.shape != (rank, out_dim):
-            raise CheckpointError(
-                f"{'/'.join(path)}: LoRA A {lora_a.shape} / B {lora_b.shape} do not fit "
-                f"{t.hf_name} {t.hf_shape} with rank {rank}")
-        prefix = _PEFT_PREFIX + _hf_module(t)
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(lora_a.T)
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(lora_b.T)
-    alpha = float(lora_cfg.alpha)
-    adapter_config = {
-        "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM",
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": rank, "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
-        "lora_dropout": float(lora_cfg.dropout),
-        "target_modules": _target_modules(config, paths),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(adapter_config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(out_dir, ADAPTER_SAFETENSORS), metadata={"format": "pt"})
-
-
-def _read_adapter_config(adapter_dir: str) -> dict:
-    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{adapter_dir} has no {ADAPTER_CONFIG}; expected a HF PEFT "
-                              f"adapter directory")
-    adapter = _read_json(path)
-    if adapter.get("peft_type") != "LORA":
-        raise CheckpointError(f"{path}: peft_type {adapter.get('peft_type')!r}; only LORA "
-                              f"adapters can be read")
-    unsupported = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out") if adapter.get(k)]
-    unsupported += [k for k in ("rank_pattern", "alpha_pattern") if adapter.get(k)]
-    if adapter.get("bias", "none") != "none":
-        unsupported.append(f"bias={adapter['bias']!r}")
-    if unsupported:
-        raise CheckpointError(f"{path} uses {', '.join(unsupported)}, which ift_jax's LoRA "
-                              f"does not implement")
-    return adapter
-
-
-def load_peft_adapter(adapter_dir: str, config: T5Config) -> dict:
-    """Reads a HF PEFT LoRA adapter into our LoRA param subtree.
-
-    Returns:
-      Nested dict with `kernel_lora_a [in, rank]` and `kernel_lora_b [rank, out]`
-      under each adapted module (e.g. `encoder/layers_0/attention/query`);
-      merge it into base params with `ift_jax.peft.merge_params`. The
-      matching `LoraConfig` comes from `load_peft_config`.
-    """
-    adapter = _read_adapter_config(adapter_dir)
-    path = os.path.join(adapter_dir, ADAPTER_SAFETENSORS)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{adapter_dir} has no {ADAPTER_SAFETENSORS}")
-    tensors = _read_safetensors([path])
-    by_module = {_hf_module(t): (p, t) for p, t in _lora_modules(config).items()}
-    rank = int(adapter["r"])
-    params: dict = {}
-    for name in sorted(tensors):
-        module, _, kind = name.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
-        if module not in by_module or kind not in ("A.weight", "B.weight"):
-            raise CheckpointError(f"{path}: unexpected tensor {name} for a T5 with this "
-                                  f"config")
-        ours, t = by_module[module]
-        value = tensors[name].astype(np.dtype(config.param_dtype))
-        out_dim, in_dim = t.hf_shape
-        expected = (rank, in_dim) if kind == "A.weight" else (out_dim, rank)
-        if value.shape != expected:
-            raise CheckpointError(f"{path}: {name} has shape {value.shape}, expected "
-                                  f"{expected} (r={rank})")
-        leaf = _LORA_A if kind == "A.weight" else _LORA_B
-        _set(params, ours + (leaf,), np.ascontiguousarray(value.T))
-    flat = _flat_params(params)
-    for key in flat:
-        other = _LORA_B if key[-1] == _LORA_A else _LORA_A
-        if key[:-1] + (other,) not in flat:
-            raise CheckpointError(f"{path}: {'/'.join(key[:-1])} has {key[-1]} but no {other}")
-    if not params:
-        raise CheckpointError(f"{path} holds no LoRA tensors")
-    return params
-
-
-def load_peft_config(adapter_dir: str, config: T5Config) -> Any:
-    """The `ift_jax.peft.LoraConfig` of a HF PEFT adapter (targets from its tensors)."""
-    from ift_jax import peft  # Not at the top: hf.py itself needs no qwix.
-    adapter = _read_adapter_config(adapter_dir)
-    paths = sorted(k[:-1] for k in _flat_params(load_peft_adapter(adapter_dir, config))
-                   if k[-1] == _LORA_A)
-    names = sorted({p[-1] for p in paths})
-    all_named = {p for p in _lora_modules(config) if p[-1] in names}
-    if all_named == set(paths):
-        regex = rf".*/({'|'.join(names)})"
-    else:
-        regex = "|".join(re.escape("/".join(p)) for p in paths)
-    return peft.LoraConfig(rank=int(adapter["r"]), alpha=float(adapter["lora_alpha"]),
-                           dropout=float(adapter.get("lora_dropout", 0.0)),
-                           target_regex=regex)

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import gc
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax
 import flax.linen as nn
@@ -27,9 +27,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from ift_jax import errors
-from ift_jax import fileio, model_info, optim, partitioning, peft
-from ift_jax.models import t5
+from ift_jax import errors, fileio, lora, model_info, optim, param_trees, partitioning, peft
+from ift_jax.models import additions, t5
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -71,7 +70,11 @@ class Setup:
     optimizer: Any
     init_params: Optional[dict] = None  # Host arrays of the `init_from` base model.
     eval_model: Optional[nn.Module] = None  # Same params; LoRA dropout off.
-    prompt_config: Optional[peft.PromptConfig] = None
+    method_config: Optional[peft.MethodConfig] = None  # The method's settings.
+
+    @property
+    def prompt_config(self) -> Optional[peft.PromptConfig]:
+        return self.method_config.prompt if self.method_config else None
 
     @property
     def fingerprint(self) -> dict:
@@ -147,7 +150,14 @@ def training_flops_per_token(c: t5.T5Config, inputs_length: int, targets_length:
     - LoRA / QLoRA: the base kernels are frozen, 4·N, plus 6·r·(in + out) per
       position of each adapted kernel (QLoRA's matmuls run on the dequantized
       kernels);
-    - prompt tuning: 4·N, the encoder over prompt_length more positions.
+    - prompt tuning: 4·N, the encoder over prompt_length more positions;
+    - bottleneck adapters: 4·N plus 6·(2·d_model·width) per adapted sublayer
+      position (their down and up kernels are matmuls that train);
+    - IA3: 4·N (its scales are elementwise); DoRA as LoRA (its norm is per
+      step, not per token);
+    - prefix tuning: 4·N, and each attention block with prefixes attends to
+      prefix_length more keys (attention term); its reparameterization MLP
+      runs once per step, not per token, and is not counted.
 
     Not counted: elementwise work, softmax, norms, the relative-position bias,
     QLoRA dequantization; counted although XLA may skip it: the input gradient
@@ -174,9 +184,28 @@ def training_flops_per_token(c: t5.T5Config, inputs_length: int, targets_length:
             trains = train.get(key, trainable is None)
             total += positions * peft.count_params(leaf) * (6 if trains else 4)
     inner = c.num_heads * c.d_kv
-    total += 12 * inner * (c.num_layers * enc_len ** 2 + c.num_decoder_layers
-                           * targets_length * (targets_length + enc_len))
+    pre = _prefix_keys(c, flat)  # Prefix tuning's extra keys per attention block.
+    total += 12 * inner * (c.num_layers * enc_len * (enc_len + pre["encoder"])
+                           + c.num_decoder_layers * targets_length
+                           * (targets_length + pre["decoder"] + enc_len + pre["cross"]))
     return total / (inputs_length + targets_length)
+
+
+def _prefix_keys(c: t5.T5Config, flat: dict) -> dict[str, int]:
+    """Prefix keys each encoder self-, decoder self- and cross-attention block attends to
+    (the placement follows from the table's slot count, see `additions.prefix_slots`)."""
+    keys = dict.fromkeys(("encoder", "decoder", "cross"), 0)
+    table = flat.get(("prefix", "key_values"))
+    if table is None and ("prefix", "embedding") in flat:
+        length = peft.count_params(flat[("prefix", "embedding")]) // c.d_model
+        slots = peft.count_params(flat[("prefix", "mlp_out_bias")]) // (c.num_heads * c.d_kv)
+    elif table is not None:
+        length, slots = param_trees.unbox(table).shape[:2]
+    else:
+        return keys
+    all_slots, _ = additions.prefix_slots(c.num_layers, c.num_decoder_layers, "all")
+    blocks = ("encoder", "decoder", "cross") if slots == all_slots else ("decoder",)
+    return {**keys, **dict.fromkeys(blocks, length)}
 
 
 def _matmul_positions(c: t5.T5Config, key: tuple, encoder: int, decoder: int) -> int:
@@ -209,39 +238,69 @@ def build(config: ml_collections.ConfigDict,
         loaded, init_params = base
         arch = loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate)
     method = config.peft.method
-    model, eval_model, prompt_cfg = _models_for(method, arch, config.peft)
+    method_cfg = method_config(config.peft, method, functools.partial(vocabulary_spec, config))
+    model, eval_model = peft.build_models(arch, method_cfg)
     opt_cfg = optimizer_config(config)
     return Setup(config, arch, model, method, opt_cfg, optim.make_optimizer(opt_cfg),
-                 init_params, eval_model, prompt_cfg)
+                 init_params, eval_model, method_cfg)
 
 
 def lora_config(peft_cfg: ml_collections.ConfigDict, quantize: bool) -> peft.LoraConfig:
     return peft.LoraConfig(
         rank=peft_cfg.lora_rank, alpha=peft_cfg.lora_alpha, dropout=peft_cfg.lora_dropout,
-        target_regex=peft_cfg.lora_targets or peft.DEFAULT_LORA_TARGETS, quantize=quantize,
-        tile_size=peft_cfg.qlora_tile_size)
+        target_regex=lora.target_regex(peft_cfg.lora_targets), quantize=quantize,
+        tile_size=peft_cfg.qlora_tile_size,
+        use_rslora=bool(peft_cfg.get("lora_use_rslora", False)),
+        use_dora=bool(peft_cfg.get("lora_use_dora", False)))
 
 
-def prompt_config(peft_cfg: ml_collections.ConfigDict) -> peft.PromptConfig:
-    ids = tuple(int(i) for i in str(peft_cfg.prompt_init_text).split()) if (
-        peft_cfg.prompt_init == "text") else ()
+def prompt_config(peft_cfg: ml_collections.ConfigDict,
+                  vocabulary: Optional[Callable[[], str]] = None) -> peft.PromptConfig:
+    """`peft.prompt_*` as a PromptConfig; `prompt_init=text` tokenizes `prompt_init_text`
+    with the run's vocabulary (`vocabulary()` gives its spec), unless `prompt_init_ids`
+    gives the ids themselves."""
+    ids: tuple[int, ...] = ()
+    if peft_cfg.prompt_init == "text":
+        given = str(peft_cfg.get("prompt_init_ids", "") or "").split()
+        ids = tuple(int(i) for i in given) or _tokenized(peft_cfg.prompt_init_text, vocabulary)
     return peft.PromptConfig(length=peft_cfg.prompt_length, init=peft_cfg.prompt_init,
                              init_token_ids=ids)
 
 
-def _models_for(method: str, arch: t5.T5Config, peft_cfg):
-    """(training model, eval model, prompt config) for `method`."""
+def _tokenized(text: str, vocabulary: Optional[Callable[[], str]]) -> tuple[int, ...]:
+    from ift_jax.data import vocabularies  # seqio (TensorFlow): only when a text needs it.
+    if not text:
+        return ()
+    if vocabulary is None:
+        raise peft.PeftError("peft.prompt_init=text needs the run's vocabulary to tokenize "
+                             "peft.prompt_init_text; or give peft.prompt_init_ids")
+    return tuple(int(i) for i in vocabularies.make_vocabulary(vocabulary()).encode(text))
+
+
+def method_config(peft_cfg: ml_collections.ConfigDict, method: str,
+                  vocabulary: Optional[Callable[[], str]] = None) -> peft.MethodConfig:
+    """The `peft.MethodConfig` of `method` from the `peft.*` keys."""
+    get = peft_cfg.get
+    settings = {
+        "lora": lambda: dict(lora=lora_config(peft_cfg, quantize=False)),
+        "qlora": lambda: dict(lora=lora_config(peft_cfg, quantize=True)),
+        "prompt": lambda: dict(prompt=prompt_config(peft_cfg, vocabulary)),
+        "houlsby": lambda: dict(adapter=_adapter_config(peft_cfg)),
+        "pfeiffer": lambda: dict(adapter=_adapter_config(peft_cfg)),
+        "ia3": lambda: dict(ia3=peft.IA3Config(tuple(
+            t.strip() for t in str(get("ia3_targets", "key,value,wo")).split(",") if t.strip()))),
+        "prefix": lambda: dict(prefix=peft.PrefixConfig(
+            get("prefix_length", 20), get("prefix_placement", "all"), get("prefix_hidden", 0))),
+    }
     if method not in peft.METHODS:
-        raise errors.ConfigError(f"peft.method {method!r}; methods: {', '.join(peft.METHODS)}")
-    base = t5.Transformer(arch)
-    if method in ("lora", "qlora"):
-        cfg = lora_config(peft_cfg, quantize=method == "qlora")
-        return peft.apply_lora(base, cfg), peft.apply_lora(base, cfg, for_eval=True), None
-    if method == "prompt":
-        cfg = prompt_config(peft_cfg)
-        model = peft.apply_prompt_tuning(base, cfg)
-        return model, model, cfg
-    return base, base, None
+        raise peft.PeftError(f"peft.method {method!r}; methods: {', '.join(peft.METHODS)}")
+    return peft.MethodConfig(method, trainable_regex=peft_cfg.trainable_regex or None,
+                             **settings.get(method, dict)())
+
+
+def _adapter_config(peft_cfg: ml_collections.ConfigDict) -> peft.AdapterConfig:
+    return peft.AdapterConfig(width=peft_cfg.get("adapter_width", 64),
+                              activation=peft_cfg.get("adapter_activation", "relu"))
 
 
 # ----------------------------------------------------------------------------

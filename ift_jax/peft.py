@@ -1,34 +1,38 @@
-"""Parameter-efficient fine-tuning: LoRA, QLoRA, prompt tuning, trainable partitions.
+"""Parameter-efficient fine-tuning: every method a trainable partition of one T5.
 
 PEFT is a partition, not a fork of the model. Every method trains the same
 `t5.Transformer`; what changes is (a) which extra params the model creates
-and (b) which params are trainable:
+and (b) which params are trainable (`METHODS`):
 
-- LoRA / QLoRA (`apply_lora`): qwix intercepts the `jax.lax.dot_general` of
-  every matched projection and adds `x @ A @ B * alpha / rank`. The LoRA
-  params live beside the kernel they adapt
-  (`encoder/layers_0/attention/query/{kernel, kernel_lora_a, kernel_lora_b}`)
-  and keep logical axes. With `quantize=True` the matched kernels are stored
-  as NF4 (qwix `WithAux(QArray)` leaves), the rest stays in float.
-- Prompt tuning (`apply_prompt_tuning`): `Transformer(prompt_length=P)`
-  owns `prompt/embedding [P, embed]`, prepended to the encoder input.
-- `trainable_mask` decides per method (or by a regex over param paths)
-  which leaves train; `split_params` / `merge_params` cut the tree in two so
-  gradients and optimizer state exist for the trainable part only.
+- `lora` / `qlora` (`ift_jax.lora`, on qwix): `x @ A @ B * scale` beside
+  each targeted projection (`.../query/{kernel, kernel_lora_a,
+  kernel_lora_b}`), rsLoRA's scale and DoRA's magnitude as options; QLoRA
+  stores the targeted kernels in NF4.
+- `prompt`: `Transformer(prompt_length=P)` owns `prompt/embedding [P, embed]`,
+  prepended to the encoder input (Lester et al. 2021).
+- `houlsby` / `pfeiffer`: bottleneck adapters after every attention sublayer
+  and the MLP (Houlsby et al. 2019), or after the MLP only (Pfeiffer et al.
+  2021): `.../<sublayer>_adapter/{down,up}/{kernel,bias}`.
+- `ia3`: learned vectors scaling keys, values and the MLP's intermediate
+  activations (Liu et al. 2022; HF PEFT's T5 default `k`, `v`, `wo`):
+  `.../{key,value,wo}/ia3_scale`.
+- `prefix`: per-layer key/value prefixes (Li & Liang 2021), `prefix/...`,
+  optionally through a reparameterization MLP while training (`fold_prefix`
+  folds it into the plain table for decoding and export).
 
-Param trees are nested dicts; a *leaf* is whatever is not a dict (an array,
-a boxed `nn.Partitioned`, a QLoRA `WithAux` kernel, a `ShapeDtypeStruct`).
-Paths are `/`-joined dict keys (`decoder/layers_1/self_attention/value/kernel`)
-and regexes are `re.fullmatch`ed against them (qwix does the same with module
-paths, which are param paths without the last key).
+The in-model pieces live in `ift_jax.models.additions`. `trainable_mask`
+decides per method (or by a regex over param paths) which leaves train;
+`split_params` / `merge_params` cut the tree in two so gradients and
+optimizer state exist for the trainable part only. Paths and regexes as in
+`ift_jax.param_trees`.
 
-Typical LoRA run::
+Typical run::
 
     config, base = hf.load_t5(hf_dir)
-    model = peft.apply_lora(t5.Transformer(config), lora_cfg)
-    eval_model = peft.apply_lora(t5.Transformer(config), lora_cfg, for_eval=True)
-    params = peft.init_adapters(model, base, rng)       # + A, B; NF4 if quantize
-    mask = peft.trainable_mask(params, "lora")
+    method = peft.MethodConfig("ia3", ia3=peft.IA3Config())
+    model, eval_model = peft.build_models(config, method)
+    params = peft.init_adapters(model, base, rng)       # + new leaves; NF4 if QLoRA
+    mask = peft.trainable_mask(params, method.name)
     trainable, frozen = peft.split_params(params, mask)
     grads = jax.grad(lambda t: loss(model.apply(
         {"params": peft.merge_params(t, frozen)}, ...)))(trainable)
@@ -37,243 +41,43 @@ Typical LoRA run::
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, Optional
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
-from qwix._src.providers import ptq as qwix_ptq  # WithAux: QLoRA's kernel leaves
 
-from ift_jax import errors
+from ift_jax import param_trees as trees
+from ift_jax.lora import (  # noqa: F401  (the LoRA part of this module's API)
+    DEFAULT_LORA_TARGETS, LORA_LEAVES, MAGNITUDE_LEAF, LoraConfig, apply_lora,
+    kernel_module_paths, lora_a_init, lora_b_init, lora_targets, merge_lora)
+from ift_jax.models import additions as additions_lib
 from ift_jax.models import t5
+from ift_jax.param_trees import PeftError, abstract_params, count_params  # noqa: F401
 
 Array = jax.Array
 PyTree = Any
 
-METHODS = ("full", "lora", "qlora", "prompt")
-LORA_LEAVES = ("kernel_lora_a", "kernel_lora_b")
+METHODS = ("full", "lora", "qlora", "prompt", "houlsby", "pfeiffer", "ia3", "prefix")
+ADAPTER_METHODS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",)}
+# Methods whose trained model is a plain T5 again once merged.
+MERGEABLE = ("full", "lora", "qlora", "ia3")
 PROMPT_PATH = ("prompt", "embedding")
-
-# HF PEFT's T5 default (`q`, `v`), cross-attention included.
-DEFAULT_LORA_TARGETS = r".*/(attention|self_attention|encoder_decoder_attention)/(query|value)"
-
-# Model methods qwix must wrap: training calls `__call__`, decoding `encode`/`decode`.
-_INTERCEPTED_METHODS = ("__call__", "encode", "decode")
-_MAX_LISTED = 40
-
-
-class PeftError(errors.ConfigError):
-    """A PEFT setting that does not fit the model or its params."""
+IA3_LEAF = "ia3_scale"
+IA3_DEFAULT_TARGETS = ("key", "value", "wo")  # HF PEFT's T5 default: k, v, wo (wo's input).
+_WHY_NOT_MERGEABLE = {
+    "prompt": "a soft prompt is extra input positions, not a weight of T5",
+    "prefix": "prefix keys and values are extra attention positions, not a weight of T5",
+    "houlsby": "bottleneck adapters add a nonlinear layer that no T5 weight can hold",
+    "pfeiffer": "bottleneck adapters add a nonlinear layer that no T5 weight can hold",
+}
 
 
 # ----------------------------------------------------------------------------
-# Param-tree plumbing.
-
-
-def _flatten(tree: PyTree) -> dict[tuple[str, ...], Any]:
-    if not isinstance(tree, (dict, flax.core.FrozenDict)):
-        raise TypeError(f"expected a nested dict of params, got {type(tree).__name__}")
-    return flax.traverse_util.flatten_dict(tree)
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-    return flax.traverse_util.unflatten_dict(flat) if flat else {}
-
-
-def _path(key: tuple[str, ...]) -> str:
-    return "/".join(str(k) for k in key)
-
-
-def _listing(paths: list[str]) -> str:
-    """Paths for an error message, `layers_<i>` folded to `layers_N` (every layer)."""
-    folded = list(dict.fromkeys(re.sub(r"/layers_\d+/", "/layers_N/", p) for p in paths))
-    shown = ", ".join(folded[:_MAX_LISTED])
-    more = len(folded) - _MAX_LISTED
-    note = " (layers_N: each layer)" if folded != paths else ""
-    return shown + (f", ... ({more} more)" if more > 0 else "") + note
-
-
-def _unbox(tree: PyTree) -> PyTree:
-    """`nn.unbox` without sharding constraints, so it works eagerly under a mesh."""
-    def unbox(x):
-        if isinstance(x, nn.Partitioned):
-            return x.unbox(apply_constraint=False)
-        return x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x
-    return jax.tree.map(unbox, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-
-
-def _is_quantized(leaf: Any) -> bool:
-    return isinstance(_unbox(leaf), qwix_ptq.WithAux)
-
-
-def abstract_params(model: nn.Module) -> PyTree:
-    """Boxed `ShapeDtypeStruct` params of `model` (LoRA / prompt included); no memory used.
-
-    Safe under `partitioning.mesh_context`, unlike a LoRA model's own `init`:
-    qwix 0.1.8 applies the kernel's logical constraint (3 axes) to the new 2-D
-    A/B while creating them, which fails whenever axis rules are active.
-    """
-    enc, dec = jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32)
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    with nn.logical_axis_rules(()):  # Shapes only: no constraints to apply.
-        return jax.eval_shape(lambda: model.init(rngs, enc, dec))["params"]
-
-
-def count_params(tree: PyTree) -> int:
-    """Number of scalars in a param tree (a QLoRA kernel counts its full logical shape)."""
-    leaves = _flatten(tree).values() if isinstance(tree, (dict, flax.core.FrozenDict)) else (
-        [tree])
-    return sum(math.prod(_unbox(leaf).shape) for leaf in leaves)
-
-
-# ----------------------------------------------------------------------------
-# LoRA and QLoRA (qwix).
-
-
-def lora_a_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
-    """HF PEFT's default LoRA A: uniform in ±1/sqrt(fan_in), fan_in = the inputs.
-
-    PEFT (`init_lora_weights=True`) runs `kaiming_uniform_(a=sqrt(5))` on
-    `lora_A.weight [r, in]`: bound = sqrt(6 / ((1 + 5)·in)) = 1/sqrt(in). qwix's
-    default, he-uniform (bound sqrt(6/in)), is sqrt(6) wider, so learning rates
-    from PEFT recipes would not carry over. A is `[in, r]` here (qwix flattens
-    the kernel's contracting axes), so fan_in is every axis but the last.
-    """
-    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def lora_b_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
-    """LoRA B starts at zero (as PEFT), so a LoRA model starts as its base model."""
-    del key
-    return jnp.zeros(shape, dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """LoRA (`quantize=False`) or QLoRA (`quantize=True`) on the projections matched.
-
-    Attributes:
-      rank, alpha: the update is `x @ A @ B * alpha / rank` (as HF PEFT).
-      dropout: on the adapter's input only. qwix applies it on every call
-        when > 0; build eval/decoding models with `for_eval=True`.
-      target_regex: fullmatched against module paths such as
-        `decoder/layers_0/encoder_decoder_attention/query`.
-      quantize, weight_qtype, tile_size: QLoRA's frozen base kernels in
-        `weight_qtype` with one scale per `tile_size` inputs per output.
-    """
-
-    rank: int = 32
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_regex: str = DEFAULT_LORA_TARGETS
-    quantize: bool = False
-    weight_qtype: str = "nf4"
-    tile_size: int = 64
-
-    def __post_init__(self):
-        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise PeftError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1; got "
-                            f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def rule(self, for_eval: bool = False) -> qwix.LoraRule:
-        return qwix.LoraRule(
-            module_path=self.target_regex, rank=self.rank, alpha=self.alpha,
-            dropout=0.0 if for_eval else self.dropout,
-            weight_qtype=self.weight_qtype if self.quantize else None,
-            tile_size=self.tile_size if self.quantize else None,
-            lora_a_initializer=lora_a_init, lora_b_initializer=lora_b_init)
-
-
-def kernel_module_paths(model: nn.Module) -> list[str]:
-    """Paths of the modules of `model` that own a `kernel` (what LoRA can target)."""
-    flat = _flatten(abstract_params(model))
-    return sorted({_path(k[:-1]) for k in flat if k[-1] == "kernel"})
-
-
-def lora_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
-    """Module paths `cfg.target_regex` selects; raises `PeftError` if none."""
-    try:
-        pattern = re.compile(cfg.target_regex)
-    except re.error as e:
-        raise PeftError(f"LoRA target_regex {cfg.target_regex!r} is not a regex: {e}") from None
-    paths = kernel_module_paths(model)
-    targets = [p for p in paths if pattern.fullmatch(p)]
-    if not targets:
-        raise PeftError(
-            f"LoRA target_regex {cfg.target_regex!r} matches no projection kernel (it is "
-            f"fullmatched against module paths); modules with a kernel: {_listing(paths)}")
-    return targets
-
-
-def apply_lora(model: nn.Module, cfg: LoraConfig, *, for_eval: bool = False) -> nn.Module:
-    """`model` with LoRA (or QLoRA) adapters on the kernels `cfg.target_regex` matches.
-
-    The result is a linen module with the same call signature; its `init`
-    also creates `kernel_lora_a [in, rank]` and `kernel_lora_b [rank, out]`
-    (inputs/outputs flattened, e.g. `[rank, heads * kv]` for a query kernel).
-
-    Pitfalls (both silently give the base model's output):
-      - params must be jax arrays: qwix recognizes a kernel only if it is a
-        `jax.Array` (tracers under jit are; numpy arrays are not).
-      - call other methods by name (`model.apply(v, x, method="encode")`),
-        not as `method=t5.Transformer.encode`, which skips qwix's wrapper.
-
-    Args:
-      for_eval: build the model with LoRA dropout 0 (same params). qwix has
-        no deterministic switch, so training and eval/decoding use two models.
-
-    Raises:
-      PeftError: the regex matches no kernel (the message lists them all).
-    """
-    lora_targets(model, cfg)
-    provider = qwix.LoraProvider([cfg.rule(for_eval)])
-    methods = [m for m in _INTERCEPTED_METHODS if hasattr(type(model), m)]
-    return qwix.apply_lora_to_model(model, provider, methods=methods)
-
-
-def _dequantize(leaf: qwix_ptq.WithAux) -> Array:
-    return qwix.dequantize(leaf.array)
-
-
-def merge_lora(params: PyTree, cfg: LoraConfig) -> dict:
-    """Plain params for `t5.Transformer(config)`: `W + A @ B * alpha / rank`, A and B dropped.
-
-    Other params (a prompt included) are kept as they are. QLoRA kernels are
-    dequantized first, so the result is the function the QLoRA model computes
-    (in float), not the original full-precision weights.
-    """
-    flat = _flatten(_unbox(params))
-    merged = {}
-    for key, leaf in flat.items():
-        if key[-1] in LORA_LEAVES:
-            continue
-        leaf = _dequantize(leaf) if _is_quantized(leaf) else leaf
-        lora_a = flat.get(key[:-1] + ("kernel_lora_a",)) if key[-1] == "kernel" else None
-        if lora_a is not None:
-            lora_b = flat[key[:-1] + ("kernel_lora_b",)]
-            if lora_a.shape[-1] != cfg.rank:
-                raise PeftError(f"{_path(key[:-1])}: kernel_lora_a has rank "
-                                f"{lora_a.shape[-1]}, LoraConfig.rank is {cfg.rank}")
-            delta = jnp.matmul(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32),
-                               precision=jax.lax.Precision.HIGHEST)
-            leaf = (jnp.asarray(leaf, jnp.float32) + cfg.scale * delta.reshape(leaf.shape)
-                    ).astype(leaf.dtype)
-        merged[key] = leaf
-    return _unflatten(merged)
-
-
-# ----------------------------------------------------------------------------
-# Prompt tuning (Lester et al., 2021).
+# Method settings.
 
 
 PROMPT_INITS = ("uniform", "vocab", "text")
@@ -287,8 +91,8 @@ class PromptConfig:
       init: `uniform` in [-init_range, init_range] (Lester: 0.5); `vocab`:
         rows sampled from the first `num_frequent` token embeddings
         (SentencePiece ids are roughly ordered by frequency); `text`: the
-        embeddings of `init_token_ids` (e.g. a task description or the class
-        labels), repeated/truncated to `length`.
+        embeddings of `init_token_ids` (e.g. a tokenized task description or
+        the class labels), repeated/truncated to `length`.
     """
 
     length: int = 20
@@ -304,6 +108,105 @@ class PromptConfig:
             raise PeftError(f"prompt init {self.init!r} is not one of {PROMPT_INITS}")
         if self.init == "text" and not self.init_token_ids:
             raise PeftError("prompt init 'text' needs init_token_ids (the tokenized text)")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Bottleneck adapters: width, activation, near-identity init (see `Additions`)."""
+
+    width: int = 64
+    activation: str = "relu"
+    init_std: float = 1e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class IA3Config:
+    """IA3 scales on the projections named (`additions.IA3_MODULES`)."""
+
+    targets: tuple[str, ...] = IA3_DEFAULT_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixConfig:
+    """Prefix tuning: `length` positions, `placement` (`all` | `peft`, see
+    `additions.prefix_slots`), reparameterization MLP width `hidden` (0: none)."""
+
+    length: int = 20
+    placement: str = "all"
+    hidden: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """A method and its settings: what `build_models` builds and exports read.
+
+    `name` is one of `METHODS`; the settings of that method must be given
+    (`lora` for lora/qlora, `prompt`, `adapter` for houlsby/pfeiffer, `ia3`,
+    `prefix`); `trainable_regex`, when set, decides alone what trains.
+    """
+
+    name: str = "full"
+    lora: Optional[LoraConfig] = None
+    prompt: Optional[PromptConfig] = None
+    adapter: Optional[AdapterConfig] = None
+    ia3: Optional[IA3Config] = None
+    prefix: Optional[PrefixConfig] = None
+    trainable_regex: Optional[str] = None
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise PeftError(f"unknown PEFT method {self.name!r}; methods: {', '.join(METHODS)}")
+        needs = {"lora": "lora", "qlora": "lora", "prompt": "prompt", "houlsby": "adapter",
+                 "pfeiffer": "adapter", "ia3": "ia3", "prefix": "prefix"}.get(self.name)
+        if needs and getattr(self, needs) is None:
+            raise PeftError(f"method {self.name!r} needs MethodConfig.{needs} settings")
+
+    def additions(self) -> additions_lib.Additions:
+        """The in-layer modules of this method (none for full/LoRA/prompt)."""
+        try:
+            return additions_lib.Additions(**self._addition_fields())
+        except ValueError as e:
+            raise PeftError(str(e)) from None
+
+    def _addition_fields(self) -> dict:
+        fields: dict = {}
+        if self.adapter is not None and self.name in ADAPTER_METHODS:
+            fields.update(adapter_sites=ADAPTER_METHODS[self.name],
+                          adapter_width=self.adapter.width,
+                          adapter_activation=self.adapter.activation,
+                          adapter_init_std=self.adapter.init_std)
+        if self.ia3 is not None:
+            fields.update(ia3_targets=tuple(self.ia3.targets))
+        if self.prefix is not None:
+            fields.update(prefix_length=self.prefix.length,
+                          prefix_placement=self.prefix.placement,
+                          prefix_hidden=self.prefix.hidden)
+        return fields
+
+
+def build_models(config: t5.T5Config, method: MethodConfig) -> tuple[nn.Module, nn.Module]:
+    """`(training model, eval model)` of `method`; the same params fit both.
+
+    The eval model differs only for LoRA with dropout (qwix has no
+    deterministic switch, see `apply_lora(for_eval=True)`).
+    """
+    extra = method.additions()
+    if extra.prefix_length:
+        try:
+            additions_lib.prefix_slots(config.num_layers, config.num_decoder_layers,
+                                       extra.prefix_placement)
+        except ValueError as e:
+            raise PeftError(str(e)) from None
+    model = t5.Transformer(config, additions=extra)
+    if method.prompt is not None:
+        model = apply_prompt_tuning(model, method.prompt)
+    if method.lora is not None:
+        return apply_lora(model, method.lora), apply_lora(model, method.lora, for_eval=True)
+    return model, model
+
+
+# ----------------------------------------------------------------------------
+# Prompt tuning (Lester et al., 2021).
 
 
 def apply_prompt_tuning(model: t5.Transformer, cfg: PromptConfig) -> t5.Transformer:
@@ -332,12 +235,67 @@ def init_prompt(rng: Array, token_embedding_VxD: Array, cfg: PromptConfig) -> Ar
     return jnp.take(jnp.asarray(token_embedding_VxD), ids, axis=0)
 
 
+PROMPT_METRICS = ("cosine", "l2")
+
+
+def prompt_neighbors(prompt_PxD: Any, embedding_VxD: Any, k: int = 5,
+                     metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+    """The `k` vocabulary embeddings nearest each prompt position (Lester et al. 5.5).
+
+    Returns:
+      `(ids [P, k], distances [P, k])`, nearest first: `cosine` distance is
+      `1 - cos(prompt, embedding)`, `l2` the Euclidean distance.
+    """
+    if metric not in PROMPT_METRICS:
+        raise PeftError(f"metric {metric!r}; choose one of {PROMPT_METRICS}")
+    prompt = np.asarray(prompt_PxD, np.float64)
+    vocab = np.asarray(embedding_VxD, np.float64)
+    if not 1 <= k <= vocab.shape[0]:
+        raise PeftError(f"k={k}; the vocabulary has {vocab.shape[0]} embeddings")
+    if metric == "cosine":
+        unit = vocab / np.maximum(np.linalg.norm(vocab, axis=1, keepdims=True), 1e-12)
+        p_unit = prompt / np.maximum(np.linalg.norm(prompt, axis=1, keepdims=True), 1e-12)
+        dist = 1.0 - p_unit @ unit.T
+    else:
+        sq = ((prompt ** 2).sum(1)[:, None] - 2 * prompt @ vocab.T + (vocab ** 2).sum(1)[None])
+        dist = np.sqrt(np.maximum(sq, 0.0))
+    ids = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return ids, np.take_along_axis(dist, ids, axis=1)
+
+
 # ----------------------------------------------------------------------------
 # Putting base params and fresh adapters together.
 
 
-def _is_adapter(key: tuple[str, ...]) -> bool:
-    return key[-1] in LORA_LEAVES or key == PROMPT_PATH
+def _is_adapter_leaf(key: tuple[str, ...]) -> bool:
+    return (key[-1] in LORA_LEAVES + (MAGNITUDE_LEAF, IA3_LEAF) or key == PROMPT_PATH
+            or key[0] == "prefix" or any(k.endswith("_adapter") for k in key))
+
+
+def _new_leaf(key: tuple[str, ...], rng: Array, abstract: dict, base: dict,
+              extra: additions_lib.Additions, prompt_cfg: Optional[PromptConfig]) -> Array:
+    """Initial value of an adapter leaf the base params lack (see `init_adapters`)."""
+    shape, dtype = abstract[key].shape, abstract[key].dtype
+    if key == PROMPT_PATH:
+        cfg = prompt_cfg or PromptConfig(length=shape[0])
+        if cfg.length != shape[0]:
+            raise PeftError(f"prompt_cfg.length={cfg.length} but the model's prompt has "
+                            f"{shape[0]} positions")
+        return init_prompt(rng, base[("token_embedder", "embedding")], cfg).astype(dtype)
+    if key[-1] == "kernel_lora_a":
+        return lora_a_init(rng, shape, dtype)
+    if key[-1] == MAGNITUDE_LEAF:  # DoRA's m = ||W + scale * A @ B|| = ||W|| (B = 0).
+        kernel = base[key[:-1] + ("kernel",)]
+        n_in = abstract[key[:-1] + ("kernel_lora_a",)].shape[0]
+        return jnp.linalg.norm(kernel.reshape(n_in, -1).astype(jnp.float32), axis=0
+                               ).astype(dtype)
+    if key[-1] == IA3_LEAF:
+        return jnp.ones(shape, dtype)
+    if key[0] == "prefix":
+        return additions_lib.prefix_init(key[-1], rng, shape, dtype, abstract)
+    if any(k.endswith("_adapter") for k in key) and key[-1] == "kernel":
+        return jax.nn.initializers.truncated_normal(extra.adapter_init_std)(rng, shape, dtype)
+    return jnp.zeros(shape, dtype)  # LoRA B (as PEFT), adapter biases.
 
 
 def init_adapters(model: nn.Module, base_params: PyTree, rng: Array,
@@ -346,52 +304,59 @@ def init_adapters(model: nn.Module, base_params: PyTree, rng: Array,
 
     LoRA A and B get the initializers `LoraConfig.rule` gives qwix
     (`lora_a_init`, HF PEFT's; B zero, so the model starts as the base
-    model); QLoRA's base kernels are quantized here; the prompt gets
-    `init_prompt(prompt_cfg)` from the base token embeddings (Lester's
-    uniform init when `prompt_cfg` is None). Only
-    shapes are taken from the model (`jax.eval_shape`), so no random base
-    weights are ever materialized.
+    model), DoRA's magnitude the norms of the base kernels; QLoRA's base
+    kernels are quantized here; the prompt gets `init_prompt(prompt_cfg)`
+    from the base token embeddings (Lester's uniform init when `prompt_cfg` is
+    None); IA3 scales start at 1, adapters near the identity, prefixes as
+    `additions.PrefixKeyValues`. Only shapes are taken from the model
+    (`jax.eval_shape`), so no random base weights are ever materialized.
 
     Args:
-      model: built by `apply_lora` and/or `apply_prompt_tuning`.
+      model: from `build_models` (or `apply_lora` / `apply_prompt_tuning`).
       base_params: unboxed params of the plain `t5.Transformer(config)`
         (numpy arrays, e.g. from `hf.load_t5`, are turned into jax arrays).
     """
-    abstract = _unbox(abstract_params(model))
-    abstract_flat, base_flat = _flatten(abstract), _flatten(_unbox(base_params))
-    missing = [_path(k) for k in abstract_flat if k not in base_flat and not _is_adapter(k)]
-    unknown = [_path(k) for k in base_flat if k not in abstract_flat]
+    abstract = trees.unbox(abstract_params(model))
+    abstract_flat, base_flat = trees.flatten(abstract), trees.flatten(trees.unbox(base_params))
+    missing = [trees.path(k) for k in abstract_flat
+               if k not in base_flat and not _is_adapter_leaf(k)]
+    unknown = [trees.path(k) for k in base_flat if k not in abstract_flat]
     if missing or unknown:
-        raise PeftError(f"base params do not fit the model: missing {_listing(missing)}; "
-                        f"unexpected {_listing(unknown)}")
+        raise PeftError(f"base params do not fit the model: missing {trees.listing(missing)}; "
+                        f"unexpected {trees.listing(unknown)}")
     # jax arrays, not numpy: qwix only recognizes jax arrays as weights, and
     # silently skips the adapters of a numpy kernel.
     base_flat = {k: jnp.asarray(v) for k, v in base_flat.items()}
-    if any(_is_quantized(v) for v in abstract_flat.values()):
-        base_flat = _flatten(qwix.quantize_params(_unflatten(base_flat), abstract))
+    full_precision = dict(base_flat)
+    if any(trees.is_quantized(v) for v in abstract_flat.values()):
+        base_flat = trees.flatten(qwix.quantize_params(trees.unflatten(base_flat), abstract))
+    extra = getattr(model, "additions", additions_lib.Additions())
     new_keys = [k for k in abstract_flat if k not in base_flat]
-    new = {}
-    for key, r in zip(new_keys, jax.random.split(rng, max(len(new_keys), 1))):
-        shape, dtype = abstract_flat[key].shape, abstract_flat[key].dtype
-        if key == PROMPT_PATH:
-            cfg = prompt_cfg or PromptConfig(length=shape[0])
-            if cfg.length != shape[0]:
-                raise PeftError(f"prompt_cfg.length={cfg.length} but the model's prompt has "
-                                f"{shape[0]} positions")
-            embedding = base_flat[("token_embedder", "embedding")]
-            new[key] = init_prompt(r, embedding, cfg).astype(dtype)
-        elif key[-1] == "kernel_lora_a":
-            new[key] = lora_a_init(r, shape, dtype)
-        else:
-            new[key] = lora_b_init(r, shape, dtype)
+    new = {key: _new_leaf(key, r, abstract_flat, full_precision, extra, prompt_cfg)
+           for key, r in zip(new_keys, jax.random.split(rng, max(len(new_keys), 1)))}
     if prompt_cfg is not None and PROMPT_PATH not in new:
         raise PeftError("prompt_cfg given but the model has no prompt; build it with "
                         "apply_prompt_tuning")
-    return _unflatten({**base_flat, **new})
+    return trees.unflatten({**base_flat, **new})
 
 
 # ----------------------------------------------------------------------------
 # Trainable partition.
+
+
+def method_trains(method: str, key: tuple[str, ...]) -> bool:
+    """Whether `method` trains the leaf at `key` (without a `trainable_regex`)."""
+    if method == "full":
+        return True
+    if method in ("lora", "qlora"):
+        return key[-1] in LORA_LEAVES + (MAGNITUDE_LEAF,)
+    if method in ADAPTER_METHODS:
+        return any(k.endswith("_adapter") for k in key)
+    if method == "ia3":
+        return key[-1] == IA3_LEAF
+    if method == "prefix":
+        return key[0] == "prefix"
+    return key == PROMPT_PATH
 
 
 def trainable_mask(params: PyTree, method: str,
@@ -400,8 +365,10 @@ def trainable_mask(params: PyTree, method: str,
 
     Args:
       params: the full param tree (boxed, unboxed or abstract).
-      method: `full` (all), `lora` / `qlora` (`kernel_lora_a/b` only),
-        `prompt` (`prompt/embedding` only).
+      method: one of `METHODS`: `full` (all), `lora` / `qlora`
+        (`kernel_lora_a/b`, DoRA's `kernel_lora_magnitude`), `prompt`
+        (`prompt/embedding`), `houlsby` / `pfeiffer` (`*_adapter/...`),
+        `ia3` (`ia3_scale`), `prefix` (`prefix/...`).
       trainable_regex: when given, it alone decides: a leaf trains iff its
         path fullmatches (e.g. `.*layer_norm.*`, or
         `.*(kernel_lora_[ab]|layer_norm/scale)` for LoRA plus norms).
@@ -412,28 +379,27 @@ def trainable_mask(params: PyTree, method: str,
     """
     if method not in METHODS:
         raise PeftError(f"unknown PEFT method {method!r}; methods: {', '.join(METHODS)}")
-    flat = _flatten(params)
+    flat = trees.flatten(params)
     if trainable_regex is not None:
         pattern = re.compile(trainable_regex)
-        mask = {k: bool(pattern.fullmatch(_path(k))) for k in flat}
-    elif method == "full":
-        mask = {k: True for k in flat}
-    elif method in ("lora", "qlora"):
-        mask = {k: k[-1] in LORA_LEAVES for k in flat}
+        mask = {k: bool(pattern.fullmatch(trees.path(k))) for k in flat}
     else:
-        mask = {k: k == PROMPT_PATH for k in flat}
+        mask = {k: method_trains(method, k) for k in flat}
     if not any(mask.values()):
         rule = (f"trainable_regex {trainable_regex!r}" if trainable_regex is not None
                 else f"method {method!r}")
         hint = {"lora": " (build the model with peft.apply_lora)",
                 "qlora": " (build the model with peft.apply_lora(quantize=True))",
-                "prompt": " (build the model with peft.apply_prompt_tuning)"}.get(method, "")
+                "prompt": " (build the model with peft.apply_prompt_tuning)"}.get(
+                    method, " (build the model with peft.build_models)")
+        hint = "" if method == "full" else hint
         raise PeftError(f"{rule} leaves no trainable param{hint}; param paths: "
-                        f"{_listing([_path(k) for k in flat])}")
-    quantized = [_path(k) for k, m in mask.items() if m and _is_quantized(flat[k])]
+                        f"{trees.listing([trees.path(k) for k in flat])}")
+    quantized = [trees.path(k) for k, m in mask.items() if m and trees.is_quantized(flat[k])]
     if quantized:
-        raise PeftError(f"quantized (QLoRA) kernels cannot be trained: {_listing(quantized)}")
-    return _unflatten(mask)
+        raise PeftError(f"quantized (QLoRA) kernels cannot be trained: "
+                        f"{trees.listing(quantized)}")
+    return trees.unflatten(mask)
 
 
 def split_params(params: PyTree, mask: PyTree) -> tuple[dict, dict]:
@@ -442,38 +408,104 @@ def split_params(params: PyTree, mask: PyTree) -> tuple[dict, dict]:
     A leaf is in exactly one of them (absent keys, no placeholders), so
     `jax.grad` and optax see only the trainable leaves.
     """
-    flat, flat_mask = _flatten(params), _flatten(mask)
+    flat, flat_mask = trees.flatten(params), trees.flatten(mask)
     if flat.keys() != flat_mask.keys():
-        diff = sorted(_path(k) for k in flat.keys() ^ flat_mask.keys())
+        diff = sorted(trees.path(k) for k in flat.keys() ^ flat_mask.keys())
         raise PeftError(f"mask does not have the params' structure; differs at "
-                        f"{_listing(diff)}")
+                        f"{trees.listing(diff)}")
     trainable = {k: v for k, v in flat.items() if flat_mask[k]}
     frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
-    return _unflatten(trainable), _unflatten(frozen)
+    return trees.unflatten(trainable), trees.unflatten(frozen)
 
 
 def merge_params(trainable: PyTree, frozen: PyTree) -> dict:
     """Inverse of `split_params`: the full param tree (works on traced values)."""
-    flat_t, flat_f = _flatten(trainable), _flatten(frozen)
-    both = sorted(_path(k) for k in flat_t.keys() & flat_f.keys())
+    flat_t, flat_f = trees.flatten(trainable), trees.flatten(frozen)
+    both = sorted(trees.path(k) for k in flat_t.keys() & flat_f.keys())
     if both:
-        raise PeftError(f"params both trainable and frozen: {_listing(both)}")
-    return _unflatten({**flat_f, **flat_t})
+        raise PeftError(f"params both trainable and frozen: {trees.listing(both)}")
+    return trees.unflatten({**flat_f, **flat_t})
 
 
 def with_adapter(base_params: PyTree, adapter: PyTree) -> dict:
-    """Base params (no LoRA leaves) plus one adapter: switching adapters on one base.
+    """Base params (no adapter leaves) plus one adapter: switching adapters on one base.
 
     Load the base once, then call this per adapter (e.g. from
-    `hf.load_peft_adapter`); only the small adapter arrays are new each time.
-    Leaves become jax arrays, since qwix skips LoRA on numpy params.
+    `peft_formats.load_peft`); only the small adapter arrays are new each
+    time. Leaves become jax arrays, since qwix skips LoRA on numpy params.
     """
-    base_flat = _flatten(base_params)
-    lora_in_base = sorted(_path(k) for k in base_flat if k[-1] in LORA_LEAVES)
-    if lora_in_base:
-        raise PeftError(f"base params already hold LoRA leaves: {_listing(lora_in_base)}")
-    adapter_flat = _flatten(adapter)
-    stray = sorted(_path(k) for k in adapter_flat if k[-1] not in LORA_LEAVES)
+    base_flat = trees.flatten(base_params)
+    in_base = sorted(trees.path(k) for k in base_flat if _is_adapter_leaf(k))
+    if in_base:
+        raise PeftError(f"base params already hold adapter leaves: {trees.listing(in_base)}")
+    adapter_flat = trees.flatten(adapter)
+    stray = sorted(trees.path(k) for k in adapter_flat if not _is_adapter_leaf(k))
     if stray:
-        raise PeftError(f"adapter holds non-LoRA params: {_listing(stray)}")
+        raise PeftError(f"adapter holds base-model params: {trees.listing(stray)}")
     return merge_params(jax.tree.map(jnp.asarray, adapter), base_params)
+
+
+# ----------------------------------------------------------------------------
+# Decoding and export forms.
+
+
+def fold_prefix(config: t5.T5Config, params: PyTree, prefix: PrefixConfig) -> dict:
+    """Params whose prefix is the plain table `prefix/key_values`: the MLP's output.
+
+    The result fits the model built with `dataclasses.replace(prefix,
+    hidden=0)` and computes the same function; params without the MLP are
+    returned as they are.
+    """
+    flat = trees.flatten(trees.unbox(params))
+    if ("prefix", "key_values") in flat or not prefix.hidden:
+        return params
+    slots, _ = additions_lib.prefix_slots(config.num_layers, config.num_decoder_layers,
+                                          prefix.placement)
+    module = additions_lib.PrefixKeyValues(prefix.length, slots, config.num_heads, config.d_kv,
+                                           config.d_model, prefix.hidden, jnp.float32,
+                                           config.param_dtype)
+    table = module.apply({"params": trees.unflatten(
+        {k[1:]: v for k, v in flat.items() if k[0] == "prefix"})})
+    rest = {k: v for k, v in flat.items() if k[0] != "prefix"}
+    rest[("prefix", "key_values")] = table.astype(config.param_dtype)
+    return trees.unflatten(rest)
+
+
+def merge_ia3(params: PyTree) -> dict:
+    """Plain params: every `ia3_scale` multiplied into its kernel, the scales dropped.
+
+    `wo`'s scale multiplies its input rows, the others their output columns.
+    """
+    flat = trees.flatten(trees.unbox(params))
+    merged = {}
+    for key, leaf in flat.items():
+        if key[-1] == IA3_LEAF:
+            continue
+        scale = flat.get(key[:-1] + (IA3_LEAF,)) if key[-1] == "kernel" else None
+        if scale is not None:
+            kernel = jnp.asarray(leaf, jnp.float32)
+            scale = jnp.asarray(scale, jnp.float32)
+            if key[-2] in additions_lib.IA3_INPUT_SCALED:
+                kernel = kernel * scale.reshape(scale.shape + (1,) * (kernel.ndim - scale.ndim))
+            else:
+                kernel = kernel * scale
+            leaf = kernel.astype(leaf.dtype)
+        merged[key] = leaf
+    return trees.unflatten(merged)
+
+
+def merged_params(params: PyTree, method: MethodConfig) -> dict:
+    """Params of the plain `t5.Transformer(config)` computing what `method`'s model does.
+
+    Raises:
+      PeftError: the method cannot merge (prompt, prefix, adapters), with why.
+    """
+    if method.name not in MERGEABLE:
+        raise PeftError(f"method {method.name!r} cannot be merged into a plain T5: "
+                        f"{_WHY_NOT_MERGEABLE[method.name]}")
+    if method.prompt is not None or method.prefix is not None:
+        raise PeftError(f"method {method.name!r} with a soft prompt or prefix cannot be "
+                        f"merged into a plain T5: {_WHY_NOT_MERGEABLE['prompt']}")
+    if method.lora is not None:
+        params = merge_lora(params, method.lora)
+    return merge_ia3(params) if method.name == "ia3" else trees.unbox(params)

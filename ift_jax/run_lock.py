@@ -133,6 +133,7 @@ class RunLock:
                 return
             holder = self.read()
             if holder is None:
+                self._remove_if_unreadable()
                 continue
             if not is_stale(holder, time.time(), self.run_id, self.stale_after_s):
                 raise WorkdirInUseError(
@@ -146,18 +147,28 @@ class RunLock:
                                 f"processes keep taking it; is another run starting?")
 
     def read(self) -> Optional[Holder]:
-        """The holder in the lock file; None if there is none (or it is unreadable,
-        which only a crash while writing it in place could leave: taken over)."""
+        """The holder in the lock file; None if there is none or it is unreadable
+        (another process in the middle of writing it, or a crash while writing it
+        in place: see `_remove_if_unreadable`)."""
         try:
             with fileio.open(self.path) as f:
                 return Holder(**json.load(f))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError):
-            logging.warning("workdir %s: unreadable run lock %s; removing it",
-                            self.workdir, self.path)
-            fileio.remove(self.path)
             return None
+
+    def _remove_if_unreadable(self, wait_s: float = 1.0) -> None:
+        """Removes a lock file that stays unreadable for `wait_s` (a writer that
+        crashed mid-write); one being written meanwhile becomes readable and stays."""
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            if not fileio.exists(self.path) or self.read() is not None:
+                return
+            time.sleep(0.05)
+        logging.warning("workdir %s: unreadable run lock %s; removing it",
+                        self.workdir, self.path)
+        fileio.remove(self.path)
 
     def release(self) -> None:
         """Stops the heartbeat and removes the lock file if it is still ours."""

@@ -243,19 +243,14 @@ class Run:
 
 
 def plain_params(setup: model_setup.Setup, params: dict) -> dict:
-    """Params of a plain `t5.Transformer(setup.t5_config)`: LoRA merged into the
-    kernels (QLoRA dequantized first). Prompt-tuned runs have no plain form.
+    """Params of a plain `t5.Transformer(setup.t5_config)` computing what the run's
+    model does: LoRA (QLoRA dequantized, DoRA) and IA3 merged into the kernels.
 
     Raises:
-      ValueError: a prompt-tuned run.
+      PeftError: a method with no plain form (prompt, prefix, bottleneck adapters),
+        saying why; use the run itself (ift-jax predict/eval).
     """
-    if setup.method == "prompt":
-        raise errors.ConfigError("a prompt-tuned run has no plain model form: its prompt is an "
-                                 "input, not a weight; use the run itself (ift-jax predict/eval)")
-    if setup.method in ("lora", "qlora"):
-        cfg = model_setup.lora_config(setup.config.peft, quantize=setup.method == "qlora")
-        return peft.merge_lora(params, cfg)
-    return params
+    return peft.merged_params(params, setup.method_config)
 
 
 def host_params(params: Any) -> Any:

@@ -418,7 +418,7 @@ def snippet_paths(tmp_path_factory):
     import jax
     import numpy as np
     from flax import traverse_util
-    from ift_jax import hf, peft
+    from ift_jax import hf, peft, peft_formats
     from ift_jax.models import t5
 
     root = tmp_path_factory.mktemp("snippets")
@@ -433,7 +433,8 @@ def snippet_paths(tmp_path_factory):
     flat = traverse_util.flatten_dict(lora_params)  # A nonzero B changes the logits.
     lora_params = traverse_util.unflatten_dict(
         {k: v + 0.01 if k[-1] == "kernel_lora_b" else v for k, v in flat.items()})
-    hf.save_peft_adapter(str(root / "adapter"), config, lora_params, lora_cfg, "base")
+    peft_formats.save_peft(str(root / "adapter"), config, lora_params,
+                           peft.MethodConfig("lora", lora=lora_cfg), "base")
     return dict(zip(PLACEHOLDERS, (str(root / "base"), str(root / "adapter"),
                                    str(root / "output"))))
 

@@ -12,7 +12,7 @@ from flax import traverse_util
 
 import hf_reference
 from hf_reference import make_hf_checkpoint
-from ift_jax import hf, peft
+from ift_jax import hf, peft, peft_formats
 from ift_jax.models import t5
 
 torch = pytest.importorskip("torch")
@@ -208,8 +208,9 @@ def test_exported_adapter_loads_in_peft_with_our_logits(checkpoint, tmp_path, ta
     hf_dir, config, _ = checkpoint
     cfg, model, params = our_lora(checkpoint, target_regex)
     out = str(tmp_path / "adapter")
-    hf.save_peft_adapter(out, config, params, cfg, base_model_name_or_path=hf_dir)
-    with open(os.path.join(out, hf.ADAPTER_CONFIG)) as f:
+    method = peft.MethodConfig("lora", lora=cfg)
+    peft_formats.save_peft(out, config, params, method, base_model_name_or_path=hf_dir)
+    with open(os.path.join(out, peft_formats.ADAPTER_CONFIG)) as f:
         adapter = json.load(f)
     assert adapter["peft_type"] == "LORA" and adapter["task_type"] == "SEQ_2_SEQ_LM"
     assert (adapter["r"], adapter["lora_alpha"]) == (RANK, ALPHA)
@@ -227,26 +228,14 @@ def test_exported_adapter_loads_in_peft_with_our_logits(checkpoint, tmp_path, ta
     assert rel(ours, hf_logits(ref, enc, dec)) <= TOLERANCE
     assert rel(ours, hf_logits(hf_model(hf_dir), enc, dec)) > 1e-2  # Adapters took effect.
 
-    loaded = hf.load_peft_adapter(out, config)
+    loaded = peft_formats.load_peft(out, config)
     trainable, _ = peft.split_params(params, peft.trainable_mask(params, "lora"))
-    assert jax.tree.structure(loaded) == jax.tree.structure(trainable)
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(trainable)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0),
-                 loaded, trainable)
-    loaded_cfg = hf.load_peft_config(out, config)
-    assert (loaded_cfg.rank, loaded_cfg.alpha) == (RANK, ALPHA)
-    assert peft.lora_targets(t5.Transformer(config), loaded_cfg) == peft.lora_targets(
+                 loaded.params, trainable)
+    assert (loaded.method.lora.rank, loaded.method.lora.alpha) == (RANK, ALPHA)
+    assert peft.lora_targets(t5.Transformer(config), loaded.method.lora) == peft.lora_targets(
         t5.Transformer(config), cfg)
-
-
-def test_adapter_saved_by_peft_runs_in_our_model(checkpoint, tmp_path):
-    hf_dir, config, base = checkpoint
-    ref = hf_lora_model(hf_dir, seed=3)
-    ref.save_pretrained(str(tmp_path))
-    cfg = hf.load_peft_config(str(tmp_path), config)
-    model = peft.apply_lora(t5.Transformer(config), cfg)
-    params = peft.merge_params(hf.load_peft_adapter(str(tmp_path), config), base)
-    enc, dec, _ = make_batch(config.vocab_size, seed=4)
-    assert rel(model.apply({"params": params}, enc, dec), hf_logits(ref, enc, dec)) <= TOLERANCE
 
 
 def test_merged_lora_exports_as_a_plain_hf_t5(checkpoint, tmp_path):
@@ -256,23 +245,6 @@ def test_merged_lora_exports_as_a_plain_hf_t5(checkpoint, tmp_path):
     enc, dec, _ = make_batch(config.vocab_size, seed=5)
     assert rel(hf_logits(hf_model(str(tmp_path)), enc, dec),
                model.apply({"params": params}, enc, dec)) <= TOLERANCE
-
-
-def test_peft_adapter_errors_name_the_problem(checkpoint, tmp_path):
-    hf_dir, config, _ = checkpoint
-    with pytest.raises(hf.CheckpointError, match="no adapter_config.json"):
-        hf.load_peft_adapter(str(tmp_path), config)
-    cfg, _, params = our_lora(checkpoint)
-    hf.save_peft_adapter(str(tmp_path), config, params, cfg, hf_dir)
-    path = tmp_path / hf.ADAPTER_CONFIG
-    adapter = json.loads(path.read_text())
-    path.write_text(json.dumps({**adapter, "use_dora": True}))
-    with pytest.raises(hf.CheckpointError, match="use_dora"):
-        hf.load_peft_adapter(str(tmp_path), config)
-    path.write_text(json.dumps({**adapter, "r": 8}))
-    with pytest.raises(hf.CheckpointError, match=r"lora_A.weight has shape \(4, 32\), "
-                                                 r"expected \(8, 32\)"):
-        hf.load_peft_adapter(str(tmp_path), config)
 
 
 def test_lora_a_starts_as_hf_peft_inits_it():

@@ -139,3 +139,15 @@ def test_without_an_atomic_create_the_lock_is_written_then_read_back(tmp_path):
     assert lock._create_by_write(mine)
     assert not lock._create_by_write(dataclasses.replace(mine, token="theirs"))
     assert lock.read().token == "mine"
+
+
+def test_an_unreadable_lock_is_taken_over_only_once_it_stays_unreadable(tmp_path, caplog):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / run_lock.LOCK_FILE).write_text('{"host": "half-writ')  # A crash mid-write.
+    lock = run_lock.RunLock(str(workdir))
+    assert lock.read() is None and (workdir / run_lock.LOCK_FILE).exists()  # Reading keeps it.
+    lock.acquire()
+    assert lock.read().pid == os.getpid()
+    assert "unreadable run lock" in caplog.text
+    lock.release()

@@ -66,7 +66,8 @@ def test_a_point_process_reports_its_exit_code():
 # ~8 s start-up of each (`sweeps._run_point` is the process path).
 @pytest.mark.parametrize("config, names", [
     (LORA_RANK, ["lora_rank=1", "lora_rank=4"]),
-    (PEFT_METHODS, ["full", "lora", "qlora", "prompt"]),
+    (PEFT_METHODS, ["full", "lora", "qlora", "prompt", "dora", "houlsby", "pfeiffer", "ia3",
+                    "prefix"]),
 ])
 def test_tiny_presets_run_and_summarize_and_skip_finished_points(config, names, tmp_path,
                                                                  capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ift_jax import export, hf, model_setup, partitioning, peft, runs, train
+from ift_jax import export, hf, model_setup, partitioning, peft, peft_formats, runs, train
 from ift_jax.models import t5
 from test_train import tiny_config
 
@@ -149,11 +149,9 @@ def test_adapters_of_two_runs_switch_on_one_loaded_base(lora_run, base_dir, tmp_
     outputs = []
     for run in (lora_run, str(second)):
         export.export_peft(run, str(tmp_path / "adapter"))
-        adapter = hf.load_peft_adapter(str(tmp_path / "adapter"), base_config)
-        model = peft.apply_lora(t5.Transformer(base_config),
-                                hf.load_peft_config(str(tmp_path / "adapter"), base_config),
-                                for_eval=True)
-        swapped = model.apply({"params": peft.with_adapter(base, adapter)}, enc, dec)
+        adapter = peft_formats.load_peft(str(tmp_path / "adapter"), base_config)
+        _, model = peft.build_models(base_config, adapter.method)
+        swapped = model.apply({"params": adapter.apply_to(base)}, enc, dec)
         setup, params, _ = load_run(run)
         np.testing.assert_allclose(swapped, _logits_of_run(setup, params, enc, dec),
                                    rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Full fine-tuning vs LoRA vs QLoRA vs prompt tuning on one task, side by side.
+"""Every method of `ift_jax.peft.METHODS` (and DoRA) on one task, side by side.
 
     ift-jax sweep --config=configs/sweeps/peft_methods.py --workdir=runs/methods \\
         --config.init_from=/path/to/flan-t5-base
@@ -13,6 +13,7 @@ Preset `tiny`: the embedded default's tiny T5 from scratch on the synthetic
 summaries, a few steps per method: a CPU smoke test of the machinery.
 """
 
+from ift_jax import peft
 from ift_jax.configs.sweeps import common
 
 # Per method: the overrides that make the base (LoRA) config that method's preset.
@@ -26,7 +27,21 @@ METHODS = {
     "prompt": {"peft.method": "prompt", "optimizer.name": "adafactor",
                "optimizer.learning_rate": 0.3, "optimizer.weight_decay": 1e-5,
                "data.pack": False},
+    "dora": {"peft.method": "lora", "peft.lora_use_dora": True, "optimizer.name": "adamw",
+             "optimizer.learning_rate": 1e-3},
+    "houlsby": {"peft.method": "houlsby", "peft.adapter_width": 48, "optimizer.name": "adamw",
+                "optimizer.learning_rate": 3e-4},
+    "pfeiffer": {"peft.method": "pfeiffer", "peft.adapter_width": 48,
+                 "optimizer.name": "adamw", "optimizer.learning_rate": 3e-4},
+    "ia3": {"peft.method": "ia3", "optimizer.name": "adafactor",
+            "optimizer.learning_rate": 3e-3},
+    "prefix": {"peft.method": "prefix", "peft.prefix_length": 20, "peft.prefix_hidden": 512,
+               "optimizer.name": "adamw", "optimizer.learning_rate": 5e-4},
 }
+_MISSING = set(peft.METHODS) - {point["peft.method"] for point in METHODS.values()}
+assert not _MISSING, f"peft_methods.py lacks a point for {sorted(_MISSING)}"
+# The tiny model (d_model 128): sizes scaled down with it.
+_TINY = {"peft.adapter_width": 16, "peft.prefix_length": 4, "peft.prefix_hidden": 32}
 
 
 def get_config(arg=None):
@@ -44,4 +59,5 @@ def get_sweep(arg=None):
     if arg == "tiny":  # The tiny model from scratch: keep one learning rate that works.
         for point in points:
             point["optimizer.name"], point["optimizer.learning_rate"] = "adamw", 3e-3
+            point.update({k: v for k, v in _TINY.items() if k in point})
     return points

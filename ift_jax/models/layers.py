@@ -55,16 +55,31 @@ class DenseGeneral(nn.Module):
     num_contract: int = 1
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    ia3: str = ""  # IA3 (`ift_jax.peft`): "input" / "output" scaled by `ia3_scale`.
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         contract = tuple(range(x.ndim - self.num_contract, x.ndim))
-        shape = tuple(x.shape[a] for a in contract) + tuple(self.features)
+        in_shape = tuple(x.shape[a] for a in contract)
         kernel = self.param(
             "kernel", param_init(nn.initializers.normal(stddev=self.stddev), self.kernel_axes),
-            shape, self.param_dtype)
+            in_shape + tuple(self.features), self.param_dtype)
         # jnp.asarray, not .astype: qwix intercepts it to pass QLoRA's NF4 kernels through.
         x, kernel = x.astype(self.dtype), jnp.asarray(kernel, self.dtype)
+        if self.ia3 == "input":
+            x = x * self._ia3_scale(in_shape, self.kernel_axes[:self.num_contract])
+        y = self._contract(x, kernel)
+        if self.ia3 == "output":
+            y = y * self._ia3_scale(tuple(self.features), self.kernel_axes[self.num_contract:])
+        return y
+
+    def _ia3_scale(self, shape: tuple[int, ...], axes: tuple[str, ...]) -> Array:
+        """IA3's learned vector (ones at init: the model starts as its base)."""
+        scale = self.param("ia3_scale", param_init(nn.initializers.ones, axes), shape,
+                           self.param_dtype)
+        return scale.astype(self.dtype)
+
+    def _contract(self, x: Array, kernel: Array) -> Array:
         if self.num_contract == 1 and x.ndim > 2:
             # Batch and length merged into one row axis: the weight gradient is
             # then one plain GEMM. With two free axes XLA:CPU transposes and
@@ -74,6 +89,7 @@ class DenseGeneral(nn.Module):
             lead = x.shape[:-1]
             y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), (0,)), ((), ())))
             return y.reshape(lead + y.shape[1:])
+        contract = tuple(range(x.ndim - self.num_contract, x.ndim))
         dims = ((contract, tuple(range(self.num_contract))), ((), ()))
         return jax.lax.dot_general(x, kernel, dims)
 
@@ -156,16 +172,19 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float
     dtype: DType
     param_dtype: DType
+    ia3: tuple[str, ...] = ()  # Projections whose output IA3 scales (`query` ... `out`).
 
     def _projection(self, name: str, x: Array, d_model: int) -> Array:
         stddev = (d_model * self.d_kv) ** -0.5 if name == "query" else d_model ** -0.5
         return DenseGeneral((self.num_heads, self.d_kv), ("embed", "heads", "kv"), stddev,
-                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            ia3="output" if name in self.ia3 else "", name=name)(x)
 
     @nn.compact
     def __call__(self, inputs_q: Array, inputs_kv: Array, bias_BxHxQxK: Array, *,
                  deterministic: bool, decode: bool = False,
-                 cache_index: Optional[Array] = None, reuse_kv: bool = False) -> Array:
+                 cache_index: Optional[Array] = None, reuse_kv: bool = False,
+                 prefix_kv: Optional[tuple[Array, Array]] = None) -> Array:
         """Attention of `inputs_q` over `inputs_kv`.
 
         Args:
@@ -174,6 +193,10 @@ class MultiHeadAttention(nn.Module):
           reuse_kv: `inputs_kv` is the same at every call (the encoder output
             while decoding): project it at the first call only (see
             `_project_once`).
+          prefix_kv: prefix tuning's `([P, heads, kv], [P, heads, kv])` keys and
+            values, put in front of the projected (or cached) ones; they are
+            params, never cached. `bias_BxHxQxK` then has P more key columns,
+            in front.
 
         `inputs_kv` may have fewer rows than `inputs_q`, by a whole factor:
         consecutive groups of query rows then share one key row (beam search's
@@ -190,6 +213,9 @@ class MultiHeadAttention(nn.Module):
         if decode:
             key_BxSxHxK, value_BxSxHxK = self._update_cache(key_BxSxHxK, value_BxSxHxK,
                                                             cache_index)
+        if prefix_kv is not None:
+            key_BxSxHxK, value_BxSxHxK = (_prepend_rows(p, x) for p, x in zip(
+                prefix_kv, (key_BxSxHxK, value_BxSxHxK)))
 
         query_shape = query_BxQxHxK.shape  # The groups of query rows become more queries.
         query_BxQxHxK = query_BxQxHxK.reshape((key_BxSxHxK.shape[0], -1) + query_shape[2:])
@@ -215,6 +241,7 @@ class MultiHeadAttention(nn.Module):
         return DenseGeneral((d_model,), ("heads", "kv", "embed"),
                             (self.num_heads * self.d_kv) ** -0.5, num_contract=2,
                             dtype=self.dtype, param_dtype=self.param_dtype,
+                            ia3="output" if "out" in self.ia3 else "",
                             name="out")(out_BxQxHxK)
 
     def _project_once(self, inputs_kv: Array, d_model: int) -> tuple[Array, Array]:
@@ -262,14 +289,25 @@ class MultiHeadAttention(nn.Module):
         return cached_key.value, cached_value.value
 
 
+def _prepend_rows(prefix_PxHxK: Array, x_BxSxHxK: Array) -> Array:
+    prefix = jnp.broadcast_to(prefix_PxHxK.astype(x_BxSxHxK.dtype)[None],
+                              (x_BxSxHxK.shape[0],) + prefix_PxHxK.shape)
+    return jnp.concatenate([prefix, x_BxSxHxK], axis=1)
+
+
 class MlpBlock(nn.Module):
-    """Position-wise feed-forward: `wi` (or gated `wi_0` * `wi_1`), dropout, `wo`."""
+    """Position-wise feed-forward: `wi` (or gated `wi_0` * `wi_1`), dropout, `wo`.
+
+    `ia3` names the projections IA3 scales: `wi*` their output, `wo` its input
+    (the intermediate activations, as HF PEFT's "feedforward" modules).
+    """
 
     d_ff: int
     activations: tuple[str, ...]
     dropout_rate: float
     dtype: DType
     param_dtype: DType
+    ia3: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self, x_BxLxD: Array, *, deterministic: bool) -> Array:
@@ -279,6 +317,7 @@ class MlpBlock(nn.Module):
             name = "wi" if len(self.activations) == 1 else f"wi_{i}"
             h_BxLxF = DenseGeneral((self.d_ff,), ("embed", "mlp"), d_model ** -0.5,
                                    dtype=self.dtype, param_dtype=self.param_dtype,
+                                   ia3="output" if name in self.ia3 else "",
                                    name=name)(x_BxLxD)
             hidden.append(h_BxLxF if act == "linear" else ACTIVATIONS[act](h_BxLxF))
         h_BxLxF = functools.reduce(jnp.multiply, hidden)
@@ -286,4 +325,5 @@ class MlpBlock(nn.Module):
                                        "activation_mlp"))
         h_BxLxF = nn.Dropout(self.dropout_rate)(h_BxLxF, deterministic=deterministic)
         return DenseGeneral((d_model,), ("mlp", "embed"), self.d_ff ** -0.5, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="wo")(h_BxLxF)
+                            param_dtype=self.param_dtype,
+                            ia3="input" if "wo" in self.ia3 else "", name="wo")(h_BxLxF)

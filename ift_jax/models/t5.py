@@ -31,6 +31,11 @@ Param tree (t5x T5 1.1 naming, so t5x and HF checkpoints map one-to-one)::
     decoder/logits_dense/kernel                      [embed, vocab]  (untied only)
     prompt/embedding                  [prompt_length, embed]  (prompt tuning only)
 
+With `Transformer(additions=...)` (`ift_jax.models.additions`): IA3's
+`.../<projection>/ia3_scale`, adapters' `.../<sublayer>_adapter/{down,up}/
+{kernel,bias}` and the prefix table `prefix/key_values` (or `prefix/embedding`
+and its MLP).
+
 Every param carries logical axis names (`nn.with_logical_partitioning`); the
 mapping to mesh axes lives in `ift_jax.partitioning` alone.
 
@@ -49,7 +54,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ift_jax import errors
+from ift_jax.models import additions as additions_lib
 from ift_jax.models import layers
+from ift_jax.models.additions import Additions
 from ift_jax.models.layers import relative_position_bucket  # noqa: F401 (public)
 
 Array = jax.Array
@@ -102,10 +110,10 @@ class T5Config:
         if self.feed_forward_proj == "gated-gelu":
             name = "gelu_new"  # What HF (and mesh-tf) mean by gated-gelu.
         if name not in layers.ACTIVATIONS:
-            raise ValueError(
-                f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use "
-                f"'<act>' or 'gated-<act>' with <act> one of {sorted(layers.ACTIVATIONS)}"
-            )
+            raise errors.ConfigError(
+                        f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use "
+                        f"'<act>' or 'gated-<act>' with <act> one of {sorted(layers.ACTIVATIONS)}"
+                    )
         return (name, "linear") if self.is_gated else (name,)
 
     def replace(self, **changes) -> "T5Config":
@@ -135,7 +143,7 @@ PRESETS: dict[str, T5Config] = {
 def get_config(name: str, **overrides) -> T5Config:
     """Returns preset `name` (see `PRESETS`) with `overrides` applied."""
     if name not in PRESETS:
-        raise ValueError(f"unknown T5 preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise errors.ConfigError(f"unknown T5 preset {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides)
 
 
@@ -147,54 +155,76 @@ def _layer_norm(config: T5Config, name: str) -> layers.LayerNorm:
                             name=name)
 
 
-def _attention(config: T5Config, name: str) -> layers.MultiHeadAttention:
+def _attention(config: T5Config, extra: Additions, name: str) -> layers.MultiHeadAttention:
     return layers.MultiHeadAttention(config.num_heads, config.d_kv, config.dropout_rate,
-                              config.dtype, config.param_dtype, name=name)
+                                     config.dtype, config.param_dtype,
+                                     ia3=extra.ia3_targets, name=name)
 
 
-def _mlp(config: T5Config) -> layers.MlpBlock:
+def _mlp(config: T5Config, extra: Additions) -> layers.MlpBlock:
     return layers.MlpBlock(config.d_ff, config.activations, config.dropout_rate, config.dtype,
-                    config.param_dtype, name="mlp")
+                           config.param_dtype, ia3=extra.ia3_targets, name="mlp")
 
 
 def _dropout(config: T5Config, x: Array, deterministic: bool) -> Array:
     return nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
 
 
+def _adapted(config: T5Config, extra: Additions, site: str, name: str, y: Array) -> Array:
+    """A sublayer's output `y` through its bottleneck adapter, if `site` has one."""
+    if site not in extra.adapter_sites:
+        return y
+    return additions_lib.BottleneckAdapter(
+        extra.adapter_width, extra.adapter_activation, extra.adapter_init_std, config.dtype,
+        config.param_dtype, name=f"{name}_adapter")(y)
+
+
+PrefixKV = Optional[tuple[Array, Array]]
+
+
 class EncoderLayer(nn.Module):
     config: T5Config
+    extra: Additions = Additions()
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array, *, deterministic: bool) -> Array:
-        c = self.config
+    def __call__(self, x: Array, bias: Array, *, deterministic: bool,
+                 prefix_kv: PrefixKV = None) -> Array:
+        c, extra = self.config, self.extra
         y = _layer_norm(c, "pre_attention_layer_norm")(x)
-        y = _attention(c, "attention")(y, y, bias, deterministic=deterministic)
+        y = _attention(c, extra, "attention")(y, y, bias, deterministic=deterministic,
+                                              prefix_kv=prefix_kv)
+        y = _adapted(c, extra, "attention", "attention", y)
         x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
         y = _layer_norm(c, "pre_mlp_layer_norm")(x)
-        y = _mlp(c)(y, deterministic=deterministic)
+        y = _adapted(c, extra, "mlp", "mlp", _mlp(c, extra)(y, deterministic=deterministic))
         return layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
 
 
 class DecoderLayer(nn.Module):
     config: T5Config
+    extra: Additions = Additions()
 
     @nn.compact
     def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array, *,
-                 deterministic: bool, decode: bool, cache_index: Optional[Array]) -> Array:
-        c = self.config
+                 deterministic: bool, decode: bool, cache_index: Optional[Array],
+                 self_prefix: PrefixKV = None, cross_prefix: PrefixKV = None) -> Array:
+        c, extra = self.config, self.extra
         y = _layer_norm(c, "pre_self_attention_layer_norm")(x)
-        y = _attention(c, "self_attention")(y, y, self_bias, deterministic=deterministic,
-                                            decode=decode, cache_index=cache_index)
+        y = _attention(c, extra, "self_attention")(
+            y, y, self_bias, deterministic=deterministic, decode=decode,
+            cache_index=cache_index, prefix_kv=self_prefix)
+        y = _adapted(c, extra, "attention", "self_attention", y)
         x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
         y = _layer_norm(c, "pre_cross_attention_layer_norm")(x)
         # Decoding steps (not cache creation, whose encoder output is a dummy)
         # project the encoder output once and keep its keys and values.
-        y = _attention(c, "encoder_decoder_attention")(y, encoded, cross_bias,
-                                                       deterministic=deterministic,
-                                                       reuse_kv=cache_index is not None)
+        y = _attention(c, extra, "encoder_decoder_attention")(
+            y, encoded, cross_bias, deterministic=deterministic,
+            reuse_kv=cache_index is not None, prefix_kv=cross_prefix)
+        y = _adapted(c, extra, "attention", "encoder_decoder_attention", y)
         x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
         y = _layer_norm(c, "pre_mlp_layer_norm")(x)
-        y = _mlp(c)(y, deterministic=deterministic)
+        y = _adapted(c, extra, "mlp", "mlp", _mlp(c, extra)(y, deterministic=deterministic))
         return layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
 
 
@@ -230,73 +260,57 @@ def _positions(tokens_BxL: Array, positions_BxL: Optional[Array]) -> Array:
 
 
 # ----------------------------------------------------------------------------
-# Prompt tuning hook (Lester et al., 2021). Training, masks and the other
-# inits live in `ift_jax.peft`; here only the param and where it goes.
-
-
-class SoftPrompt(nn.Module):
-    """`[prompt_length, embed]` embeddings prepended to the encoder input.
-
-    Initialized uniform in [-0.5, 0.5] (the paper's "random uniform");
-    `ift_jax.peft.init_prompt` gives the vocab and text inits.
-    """
-
-    length: int
-    d_model: int
-    param_dtype: DType
-
-    @nn.compact
-    def __call__(self) -> Array:
-        def uniform(key, shape, dtype):
-            return jax.random.uniform(key, shape, dtype, -0.5, 0.5)
-        return self.param("embedding", layers.param_init(uniform, ("prompt_length", "embed")),
-                          (self.length, self.d_model), self.param_dtype)
-
-
-def _prepend_prompt(prompt_PxD: Array, x_BxLxD: Array, valid_BxL: Array,
-                    positions_BxL: Array) -> tuple[Array, Array, Array]:
-    """Embeddings, key validity and positions of `[prompt; tokens]`.
-
-    The prompt takes positions 0..P-1 and the tokens follow, as in HF T5 fed
-    `inputs_embeds=[prompt; token embeddings]`.
-    """
-    batch, p = x_BxLxD.shape[0], prompt_PxD.shape[0]
-    prompt_BxPxD = jnp.broadcast_to(prompt_PxD.astype(x_BxLxD.dtype)[None],
-                                     (batch,) + prompt_PxD.shape)
-    x_BxSxD = jnp.concatenate([prompt_BxPxD, x_BxLxD], axis=1)
-    valid_BxS = jnp.concatenate([jnp.ones((batch, p), bool), valid_BxL], axis=1)
-    prompt_pos = jnp.broadcast_to(jnp.arange(p, dtype=positions_BxL.dtype)[None],
-                                  (positions_BxL.shape[0], p))
-    return x_BxSxD, valid_BxS, jnp.concatenate([prompt_pos, positions_BxL + p], axis=1)
-
-
-# ----------------------------------------------------------------------------
 # Stacks and the full model.
+
+
+def _prefix_slots(c: T5Config, extra: Additions) -> dict[tuple[str, int], tuple[int, int]]:
+    if not extra.prefix_length:
+        return {}
+    return additions_lib.prefix_slots(c.num_layers, c.num_decoder_layers,
+                                      extra.prefix_placement)[1]
+
+
+def _prefix_for(table: Optional[Array], slots: dict, block: str, layer: int) -> PrefixKV:
+    if table is None or (block, layer) not in slots:
+        return None
+    return additions_lib.prefix_pair(table, slots[(block, layer)])
 
 
 class Encoder(nn.Module):
     config: T5Config
     embedder: nn.Module
+    extra: Additions = Additions()
 
     @nn.compact
     def __call__(self, tokens_BxL: Array, segment_ids_BxL: Optional[Array] = None,
                  positions_BxL: Optional[Array] = None, *, deterministic: bool,
-                 prompt_PxD: Optional[Array] = None) -> Array:
-        """Encodes `[prompt; tokens]`: `[batch, prompt_len + length, d_model]`."""
+                 prompt: Optional[tuple[Array, Optional[Array]]] = None,
+                 prefix_table: Optional[Array] = None) -> Array:
+        """Encodes `[prompt; tokens]`: `[batch, prompt_len + length, d_model]`.
+
+        `prompt` is `SoftPrompt`'s `(embedding, lengths)`; `prefix_table` the
+        `PrefixKeyValues` table, read by layers with encoder slots.
+        """
         c = self.config
         x = self.embedder(tokens_BxL).astype(c.dtype)
         valid = tokens_BxL > 0
         pos = _positions(tokens_BxL, positions_BxL)
-        if prompt_PxD is not None:
-            x, valid, pos = _prepend_prompt(prompt_PxD, x, valid, pos)
+        if prompt is not None:
+            x, valid, pos = additions_lib.prepend_prompt(*prompt, x, valid, pos)
         x = layers.constrain(_dropout(c, x, deterministic), _EMBED_AXES)
-        bias = layers.RelativePositionBiases(
+        relpos = layers.RelativePositionBiases(
             c.relative_attention_num_buckets, c.relative_attention_max_distance,
-            c.num_heads, True, c.dtype, c.param_dtype, name="relpos_bias")(pos, pos)
+            c.num_heads, True, c.dtype, c.param_dtype, name="relpos_bias")
         mask = _attention_mask(valid, segment_ids_BxL, segment_ids_BxL)
-        bias = bias.astype(jnp.float32) + _mask_to_bias(mask)
+        bias = relpos(pos, pos).astype(jnp.float32) + _mask_to_bias(mask)
+        slots = _prefix_slots(c, self.extra)
+        if prefix_table is not None and ("encoder", 0) in slots:
+            bias = additions_lib.with_prefix_columns(bias, additions_lib.prefix_bias(
+                relpos, pos, prefix_table.shape[0]))
         for i in range(c.num_layers):
-            x = EncoderLayer(c, name=f"layers_{i}")(x, bias, deterministic=deterministic)
+            x = EncoderLayer(c, self.extra, name=f"layers_{i}")(
+                x, bias, deterministic=deterministic,
+                prefix_kv=_prefix_for(prefix_table, slots, "encoder", i))
         x = _layer_norm(c, "encoder_norm")(x)
         return layers.constrain(_dropout(c, x, deterministic), _EMBED_AXES)
 
@@ -304,6 +318,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     config: T5Config
     embedder: nn.Module
+    extra: Additions = Additions()
 
     @nn.compact
     def __call__(self, encoded: Array, encoder_tokens_BxS: Array, tokens_BxL: Array,
@@ -311,7 +326,8 @@ class Decoder(nn.Module):
                  encoder_segment_ids: Optional[Array] = None,
                  segment_ids_BxL: Optional[Array] = None,
                  positions_BxL: Optional[Array] = None, *,
-                 deterministic: bool, decode: bool = False) -> Array:
+                 deterministic: bool, decode: bool = False,
+                 prefix_table: Optional[Array] = None) -> Array:
         c = self.config
         relpos = layers.RelativePositionBiases(
             c.relative_attention_num_buckets, c.relative_attention_max_distance,
@@ -319,12 +335,13 @@ class Decoder(nn.Module):
         cache_index = None
         if decode and self.has_variable("cache", "cache_index"):
             self_bias, cache_index = self._decode_step_bias(relpos)
+            query_pos = jnp.reshape(cache_index, (1, 1))
             cross_mask = (encoder_tokens_BxS > 0)[:, None, None, :]
         else:
             if decode:  # Cache creation: reserve the step counter.
                 self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-            pos = _positions(tokens_BxL, positions_BxL)
-            self_bias = relpos(pos, pos)
+            query_pos = _positions(tokens_BxL, positions_BxL)
+            self_bias = relpos(query_pos, query_pos)
             # T5's start token is the pad id 0, so padding comes from the targets.
             valid = (target_tokens_BxL > 0) if target_tokens_BxL is not None else (
                 jnp.ones(tokens_BxL.shape, bool))
@@ -333,13 +350,24 @@ class Decoder(nn.Module):
             cross_mask = _attention_mask(encoder_tokens_BxS > 0, segment_ids_BxL,
                                          encoder_segment_ids)
         cross_bias = _mask_to_bias(cross_mask)
+        slots = _prefix_slots(c, self.extra)
+        if prefix_table is not None:
+            p = prefix_table.shape[0]
+            if ("decoder", 0) in slots:
+                self_bias = additions_lib.with_prefix_columns(
+                    self_bias, additions_lib.prefix_bias(relpos, query_pos, p))
+            if ("cross", 0) in slots:  # Cross-attention has no position bias.
+                cross_bias = additions_lib.with_prefix_columns(
+                    cross_bias, jnp.zeros((1, 1, 1, p), jnp.float32))
 
         x = self.embedder(tokens_BxL).astype(c.dtype)
         x = layers.constrain(_dropout(c, x, deterministic), _EMBED_AXES)
         for i in range(c.num_decoder_layers):
-            x = DecoderLayer(c, name=f"layers_{i}")(
+            x = DecoderLayer(c, self.extra, name=f"layers_{i}")(
                 x, encoded, self_bias, cross_bias, deterministic=deterministic,
-                decode=decode, cache_index=cache_index)
+                decode=decode, cache_index=cache_index,
+                self_prefix=_prefix_for(prefix_table, slots, "decoder", i),
+                cross_prefix=_prefix_for(prefix_table, slots, "cross", i))
         x = _layer_norm(c, "decoder_norm")(x)
         x = _dropout(c, x, deterministic)
         return self._logits(x)
@@ -381,10 +409,13 @@ class Transformer(nn.Module):
       prompt_length: prompt tuning's number of soft-prompt positions (0: none).
         The prompt is prepended to the encoder input and attended to by the
         decoder; callers keep passing token arrays without it.
+      additions: bottleneck adapters, IA3 scales and prefixes inside the
+        layers (`ift_jax.models.additions`); none by default.
     """
 
     config: T5Config
     prompt_length: int = 0
+    additions: Additions = Additions()
 
     def setup(self):
         c = self.config
@@ -392,15 +423,25 @@ class Transformer(nn.Module):
             c.vocab_size, c.d_model, dtype=c.dtype, param_dtype=c.param_dtype,
             embedding_init=layers.param_init(nn.initializers.normal(stddev=1.0),
                                              ("vocab", "embed")))
-        self.encoder = Encoder(c, self.token_embedder)
-        self.decoder = Decoder(c, self.token_embedder)
+        self.encoder = Encoder(c, self.token_embedder, self.additions)
+        self.decoder = Decoder(c, self.token_embedder, self.additions)
         if self.prompt_length:
-            self.prompt = SoftPrompt(self.prompt_length, c.d_model, c.param_dtype)
+            self.prompt = additions_lib.SoftPrompt(self.prompt_length, c.d_model, c.param_dtype)
+        extra = self.additions
+        if extra.prefix_length:
+            slots, _ = additions_lib.prefix_slots(c.num_layers, c.num_decoder_layers,
+                                                  extra.prefix_placement)
+            self.prefix = additions_lib.PrefixKeyValues(
+                extra.prefix_length, slots, c.num_heads, c.d_kv, c.d_model, extra.prefix_hidden,
+                c.dtype, c.param_dtype)
+
+    def _prefix_table(self) -> Optional[Array]:
+        return self.prefix() if self.additions.prefix_length else None
 
     def _check_unpacked(self, encoder_segment_ids: Optional[Array]) -> None:
         if self.prompt_length and encoder_segment_ids is not None:
-            raise ValueError("prompt tuning does not support packed inputs (encoder segment "
-                             "ids were given); build batches with packing off")
+            raise errors.ConfigError("prompt tuning does not support packed inputs (encoder "
+                                     "segment ids were given); build batches with packing off")
 
     def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
                encoder_positions: Optional[Array] = None, *,
@@ -409,7 +450,8 @@ class Transformer(nn.Module):
         self._check_unpacked(encoder_segment_ids)
         return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
                             deterministic=not enable_dropout,
-                            prompt_PxD=self.prompt() if self.prompt_length else None)
+                            prompt=self.prompt() if self.prompt_length else None,
+                            prefix_table=self._prefix_table())
 
     def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Optional[Array] = None,
@@ -430,13 +472,14 @@ class Transformer(nn.Module):
         """
         self._check_unpacked(encoder_segment_ids)
         if self.prompt_length:  # The decoder attends to the prompt positions too.
-            prompt_tokens = jnp.ones((encoder_input_tokens.shape[0], self.prompt_length),
-                                     jnp.int32)
-            encoder_input_tokens = jnp.concatenate([prompt_tokens, encoder_input_tokens], 1)
+            prompt_valid = additions_lib.prompt_valid(
+                encoder_input_tokens.shape[0], self.prompt_length, self.prompt()[1])
+            encoder_input_tokens = jnp.concatenate(
+                [prompt_valid.astype(jnp.int32), encoder_input_tokens], 1)
         return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                             decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
                             decoder_positions, deterministic=not enable_dropout,
-                            decode=decode)
+                            decode=decode, prefix_table=self._prefix_table())
 
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                  decoder_target_tokens: Optional[Array] = None,
