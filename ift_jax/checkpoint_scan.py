@@ -26,7 +26,7 @@ from __future__ import annotations
 import ast
 import json
 import os
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import tensorstore as ts
 
@@ -96,11 +96,15 @@ def _state_problem(state_dir: str) -> Optional[str]:
     if not fileio.exists(os.path.join(state_dir, "manifest.ocdbt")):
         return _plain_zarr_problem(state_dir, arrays)
     try:
-        keys = set(_ocdbt_keys(state_dir, _checked_range(state_dir)))
+        keys, needed = array_index(state_dir)
     except (OSError, ValueError) as e:
         return f"state/: the array index cannot be read ({_first_line(e)})"
-    except _ShortFile as e:
-        return str(e)
+    for name, end in sorted(needed.items()):
+        size = _size(os.path.join(state_dir, name))
+        if size is None:
+            return f"state/{name} is missing (the array index points into it)"
+        if size < end:
+            return f"state/{name} is truncated: {size} bytes, the array index needs {end}"
     for name in arrays:
         if not any(f"{name}/{z}".encode() in keys for z in _ZARR_KEYS):
             return f"state/: array {name} is missing from the array index"
@@ -115,47 +119,37 @@ def _plain_zarr_problem(state_dir: str, arrays: list[str]) -> Optional[str]:
     return None
 
 
-class _ShortFile(Exception):
-    pass
+def array_index(state_dir: str) -> tuple[set[bytes], dict[str, int]]:
+    """The OCDBT database of a checkpoint's `state/` (its latest version): every key,
+    and per file the index points into (relative to `state_dir`, e.g.
+    `ocdbt.process_0/d/<hash>`), how many bytes it must hold. Reads the manifest and
+    the B+tree nodes only; files that only an earlier or per-process index uses
+    are not listed (orbax reads through the merged one).
 
+    Raises:
+      ValueError: a node or the manifest cannot be read (tensorstore's error).
+    """
+    store = ts.KvStore.open(_kvstore_spec(state_dir)).result()
+    manifest = ts.ocdbt.dump(store).result()
+    needed: dict[str, int] = {}
 
-def _checked_range(state_dir: str) -> Callable[[str], None]:
-    """`check(location)`: raises `_ShortFile` unless the file an OCDBT location
-    (`type:base/:d/file:offset:length`) points into holds that byte range."""
-    sizes: dict[str, Optional[int]] = {}
-
-    def check(location: str) -> None:
+    def need(location: str) -> None:  # "type:base/:d/file:offset:length"
         head, offset, length = location.rsplit(":", 2)
         _, base, relative = head.split(":", 2)
         name = base + relative
-        if name not in sizes:
-            sizes[name] = _size(os.path.join(state_dir, name))
-        end = int(offset) + int(length)
-        if sizes[name] is None:
-            raise _ShortFile(f"state/{name} is missing (the array index points into it)")
-        if sizes[name] < end:
-            raise _ShortFile(f"state/{name} is truncated: {sizes[name]} bytes, the array "
-                             f"index needs {end}")
-    return check
+        needed[name] = max(needed.get(name, 0), int(offset) + int(length))
 
-
-def _ocdbt_keys(state_dir: str, check: Callable[[str], None]) -> Iterator[bytes]:
-    """Every key of the OCDBT database in `state_dir` (its latest version), checking
-    each node and value location on the way."""
-    store = ts.KvStore.open(_kvstore_spec(state_dir)).result()
-    manifest = ts.ocdbt.dump(store).result()
     for node in manifest.get("version_tree_nodes", []):
-        check(node["location"] if isinstance(node, dict) else node)
+        need(node["location"] if isinstance(node, dict) else node)
     versions = manifest.get("versions") or []
     if not versions:
         raise ValueError("the manifest lists no version")
+    keys: set[bytes] = set()
     root = versions[-1]["root"]
-    if "location" not in root:  # An empty database.
-        return
-    stack = [(root["location"], b"")]
+    stack = [(root["location"], b"")] if "location" in root else []  # Else: empty.
     while stack:
         location, prefix = stack.pop()
-        check(location)
+        need(location)
         node = ts.ocdbt.dump(store, location).result()
         for entry in node["entries"]:
             if node["height"] > 0:
@@ -163,8 +157,9 @@ def _ocdbt_keys(state_dir: str, check: Callable[[str], None]) -> Iterator[bytes]
                               prefix + entry.get("subtree_common_prefix", b"")))
                 continue
             if "indirect_value" in entry:
-                check(entry["indirect_value"])
-            yield prefix + entry["key"]
+                need(entry["indirect_value"])
+            keys.add(prefix + entry["key"])
+    return keys, needed
 
 
 def unreadable(step_dir: str) -> Optional[str]:

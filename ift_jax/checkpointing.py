@@ -122,8 +122,8 @@ class Checkpointer:
             set_aside.checkpoint(self.workdir, self.step_dir(step), problem)
             return True
         except OSError as e:  # A read-only workdir: name it, skip it, leave it.
-            logging.warning("checkpoint %s cannot be read (%s); skipped (not moved aside: %s)",
-                            self.step_dir(step), problem, e)
+            logging.warning("checkpoint %d of %s cannot be read (%s); skipped (not moved "
+                            "aside: %s)", step, self.workdir, problem, e)
             return False
 
     def unreadable(self, step: int) -> Optional[str]:
@@ -185,13 +185,17 @@ class Checkpointer:
             raise self._failed(step, e) from e
 
     def _failed(self, step: Optional[int], error: BaseException) -> SaveFailedError:
-        kept = self.all_steps()
-        kept = [s for s in kept if s != step]
-        intact = (f"checkpoints {', '.join(map(str, kept))} are intact; fix the cause and run "
-                  f"again to resume from {kept[-1]}" if kept else
-                  "no earlier checkpoint exists; fix the cause and run again")
         return SaveFailedError(f"checkpoint {step} could not be saved to {self.directory}: "
-                               f"{root_cause(error)}; the run stops here; {intact}")
+                               f"{root_cause(error)}; the run stops here; "
+                               f"{self.intact(but=step)}")
+
+    def intact(self, but: Optional[int] = None) -> str:
+        """Which checkpoints a stopped run leaves, and how to go on (for error lines)."""
+        kept = [s for s in self.all_steps() if s != but]
+        if not kept:
+            return "no earlier checkpoint exists; fix the cause and run again"
+        return (f"checkpoints {', '.join(map(str, kept))} are intact; fix the cause and run "
+                f"again to resume from {kept[-1]}")
 
     # ------------------------------------------------------------------
     # Reading.

@@ -13,7 +13,8 @@ have to learn that. `quiet(verbose)` runs before those libraries load:
   are dropped: every orbax failure reaches ift_jax as an exception, which
   says it in one line (`checkpointing.SaveFailedError`); so are the
   "Event loop is closed" reports of TensorStore writes that finish after
-  orbax gave up a failed save (`sys.unraisablehook`);
+  orbax gave up a failed save (`sys.unraisablehook`) and asyncio's "exception
+  was never retrieved" reports of that abandoned work;
 - `TF_CPP_MIN_LOG_LEVEL=2` (unless set): TensorFlow's own C++ INFO/WARNING;
 - native stderr: written by C++ straight to file descriptor 2 (absl logs
   before its initialization ignore TF_CPP_MIN_LOG_LEVEL), so fd 2 is routed
@@ -107,6 +108,9 @@ def quiet_libraries(verbose: bool) -> None:
     absl.setLevel(logging.WARNING)  # orbax and seqio chatter.
     if not any(isinstance(f, _OrbaxErrorReports) for f in absl.filters):
         absl.addFilter(_OrbaxErrorReports())
+    asyncio = logging.getLogger("asyncio")
+    if not any(isinstance(f, _NeverRetrieved) for f in asyncio.filters):
+        asyncio.addFilter(_NeverRetrieved())
     if not isinstance(sys.unraisablehook, _AbandonedWrites):
         sys.unraisablehook = _AbandonedWrites(sys.unraisablehook)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -128,6 +132,14 @@ class _OrbaxErrorReports(logging.Filter):
         while frame is not None and any(p in frame.f_code.co_filename for p in self._LOGGING):
             frame = frame.f_back
         return frame is None or self._ORBAX not in frame.f_code.co_filename
+
+
+class _NeverRetrieved(logging.Filter):
+    """Drops asyncio's "exception was never retrieved": work abandoned after a failure
+    that was raised (and reported) where it mattered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in str(record.msg)
 
 
 class _AbandonedWrites:

@@ -214,6 +214,11 @@ def evaluate_checkpoints(workdir: str, which: str = "all",
       incontext: shot counts for the untuned model (default: `eval.incontext_shots`);
         each is evaluated once.
     """
+    error = fileio.unwritable(workdir) if _is_main() and fileio.isdir(workdir) else None
+    if error is not None:
+        raise errors.ConfigError(f"--workdir={workdir} is not writable ({error.strerror or error}"
+                                 f"): evaluation writes eval/ and predictions/ there; give a "
+                                 f"copy of the run that this user can write to")
     run = runs.Run.open(workdir, mesh_override=mesh)
     config = run.config
     if incontext is not None:

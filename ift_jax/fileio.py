@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import builtins
 import os
-from typing import IO, Any
+from typing import IO, Any, Optional
 
 
 def is_remote(path: str) -> bool:
@@ -110,3 +110,16 @@ def move(source: str, target: str) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             path.copy(out)
     src.rmtree()
+
+
+def unwritable(directory: str) -> Optional[OSError]:
+    """Why this process cannot write into `directory` (made if missing), or None: a
+    file is written and removed there (permissions alone miss read-only mounts)."""
+    probe = os.path.join(directory, f".ift_jax_write_test.{os.getpid()}")
+    try:
+        makedirs(directory)
+        write_text(probe, "")
+        remove(probe)
+    except OSError as e:
+        return e
+    return None

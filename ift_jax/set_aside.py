@@ -47,8 +47,8 @@ def checkpoint(workdir: str, step_dir: str, reason: str) -> str:
     name = os.path.basename(step_dir.rstrip("/"))
     target = _unused(os.path.join(workdir, DAMAGED, f"{name}-{_stamp()}"))
     fileio.move(step_dir, target)
-    logging.warning("checkpoint %s cannot be read (%s); moved it to %s", step_dir, reason,
-                    target)
+    logging.warning("checkpoint %s of %s cannot be read (%s); skipped and moved to %s", name,
+                    workdir, reason, target)
     return target
 
 

@@ -147,14 +147,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def _check_writable(workdir: str) -> None:
     """Refuses a workdir this process cannot write, before anything is written."""
-    probe = os.path.join(workdir, f".ift_jax_write_test.{os.getpid()}")
-    try:
-        fileio.makedirs(workdir)
-        fileio.write_text(probe, "")
-        fileio.remove(probe)
-    except OSError as e:
-        raise errors.ConfigError(f"--workdir={workdir} is not writable ({e.strerror or e}); "
-                                 f"give a folder this user can write to") from None
+    error = fileio.unwritable(workdir)
+    if error is not None:
+        raise errors.ConfigError(f"--workdir={workdir} is not writable ({error.strerror or error}"
+                                 f"); give a folder this user can write to")
 
 
 def _start_over(workdir: str) -> None:
@@ -209,6 +205,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     state, frozen, shardings = init.state, init.frozen, init.shardings
     _write_config(config, workdir, changes, start)
     _drop_metrics_after(workdir, start)
+    _mark_unfinished(workdir, start, config.train.steps)
     model_setup.release_init_params(setup)  # On the devices now.
     if jax.process_index() == 0:
         model_setup.write_model_info(workdir, setup, state.params, frozen)
@@ -259,7 +256,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                 logging.warning("stopped at step %d; checkpoint saved", step)
         ckpt.wait()  # `finished` only once the last checkpoint is committed.
         if jax.process_index() == 0:
-            _write_summary(workdir, config, step, last, state.params, frozen, started)
+            _write_summary(workdir, config, step, last, state.params, frozen, started,
+                           finished=step >= config.train.steps and not stop.requested)
+    except OSError as e:  # Disk full, a read-only remount: one line, as for a failed save.
+        ckpt.wait()  # A save that failed as well says more (SaveFailedError names its step).
+        raise errors.TrainingError(
+            f"writing into {workdir} failed at step {step}: {checkpointing.root_cause(e)}; "
+            f"the run stops here; {ckpt.intact()}") from e
     finally:
         ckpt.close()
         log.close()
@@ -278,13 +281,14 @@ def peak_memory() -> dict[str, Optional[int]]:
 
 
 def _write_summary(workdir: str, config, step: int, last: dict, trainable: Any, frozen: Any,
-                   started: float) -> None:
+                   started: float, finished: bool) -> None:
     """`summary.json`: where the run stopped, its last metrics, sizes and peak memory
-    (sweeps read it; `finished` marks a run that reached `train.steps`)."""
+    (sweeps and the launchers read it; `finished` marks a run that reached
+    `train.steps` and was not stopped, e.g. during its last evaluation)."""
     counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
               for name, tree in (("trainable", trainable), ("frozen", frozen))}
     summary = {"step": step, "steps": config.train.steps,
-               "finished": step >= config.train.steps,
+               "finished": finished,
                "train": {k: float(v) for k, v in last.items()},
                "params": {**counts, "total": counts["trainable"] + counts["frozen"]},
                "peak_memory": peak_memory(), "wall_s": time.perf_counter() - started,
@@ -350,6 +354,21 @@ def _drop_metrics_after(workdir: str, step: int) -> None:
     fileio.replace(path + ".tmp", path)
     logging.info("start-up: dropped %d metrics row(s) after step %d from %s (they are logged "
                  "again)", len(lines) - len(kept), step, path)
+
+
+def _mark_unfinished(workdir: str, start: int, steps: int) -> None:
+    """An earlier `summary.json` saying `finished` no longer holds once this run has steps
+    to train (a resume with more `train.steps`): a run that then fails must not read
+    as done to a launcher."""
+    path = os.path.join(workdir, "summary.json")
+    if jax.process_index() != 0 or start >= steps or not fileio.exists(path):
+        return
+    with fileio.open(path) as f:
+        summary = json.load(f)
+    if summary.get("finished") is not False:
+        summary.update(finished=False, steps=steps)
+        fileio.write_text(path + ".tmp", json.dumps(summary, indent=2, sort_keys=True))
+        fileio.replace(path + ".tmp", path)
 
 
 def _row_step(line: str) -> Optional[int]:
