@@ -8,16 +8,33 @@ re-read from `init_from` on restore, as t5x and PEFT do.
 
 Resuming refuses a workdir whose checkpoints were written for another model or
 method (the fingerprint differs) instead of silently loading them.
+
+Damage and failures, where they happen:
+
+- `set_aside_damaged()`: every checkpoint is checked cheaply
+  (`checkpoint_scan.problem`: orbax's metadata, the commit marker, the item
+  folders, the array index and the sizes of the files it points into); each
+  damaged one is named in a warning and moved to `checkpoints_damaged/`
+  (`move_aside`). `unreadable(step)` is the full read, done only after a
+  restore failed.
+- Saves are asynchronous; `check_saves()` (cheap, called at every step
+  boundary) raises `SaveFailedError` naming the step and the cause as soon as
+  a save has failed (disk full, a permission), so the run stops then, not a
+  whole `checkpoint_every` interval later. A failed save deletes nothing: orbax
+  removes old checkpoints only after a save committed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
 
-from ift_jax import errors, fileio
+from ift_jax import checkpoint_scan, distributed, errors, fileio, set_aside
 
 STATE = "state"
 META = "meta"
@@ -27,7 +44,11 @@ class CheckpointMismatchError(errors.CheckpointError):
     """The workdir holds checkpoints of a different model or training method."""
 
 
-def _manager(directory: str, keep: int, save_interval_steps: int = 1,
+class SaveFailedError(errors.CheckpointError):
+    """An asynchronous save failed (disk full, permissions): the run stops."""
+
+
+def _orbax_manager(directory: str, keep: int, save_interval_steps: int = 1,
              read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_interval_steps, create=not read_only,
@@ -42,20 +63,142 @@ class Checkpointer:
     """Saves and restores `(state, meta)` under `<workdir>/checkpoints`."""
 
     def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+        self.workdir = workdir
         self.directory = os.path.join(workdir, "checkpoints")
-        self._manager = _manager(self.directory, keep, read_only=read_only)
+        self._keep, self._read_only = keep, read_only
+        self._orbax: Optional[ocp.CheckpointManager] = None
+        self._excluded: set[int] = set()  # Damaged, but left in place (see set_aside_damaged).
+        self._saving: Optional[int] = None  # The step of the save last started.
+
+    @property
+    def _manager(self) -> ocp.CheckpointManager:
+        # Made on first use: `set_aside_damaged` runs before orbax reads (and warns about)
+        # the damaged folders.
+        if self._orbax is None:
+            self._orbax = _orbax_manager(self.directory, self._keep, read_only=self._read_only)
+        return self._orbax
 
     def latest_step(self) -> Optional[int]:
-        return self._manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        return sorted(set(self._manager.all_steps()) - self._excluded)
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    # ------------------------------------------------------------------
+    # Damage.
+
+    def set_aside_damaged(self, move: bool = True) -> dict[int, str]:
+        """Checks every checkpoint's metadata and files (cheap, no array is read);
+        each damaged one is named in a warning and moved to `checkpoints_damaged/`
+        (with `move=False`, or where it cannot be moved, it is only left out of
+        `all_steps`). Returns {step: problem}.
+
+        On a multi-host job process 0 checks and moves; every process must call this.
+        """
+        found: dict[int, tuple[str, bool]] = {}
+        if jax.process_index() == 0:
+            for step in self._step_folders():
+                problem = checkpoint_scan.problem(self.step_dir(step))
+                if problem is not None:
+                    found[step] = (problem, move and self._move_aside(step, problem))
+        found = {int(k): v for k, v in distributed.agree(found).items()}
+        if self._orbax is not None and any(moved for _, moved in found.values()):
+            self._orbax.reload()
+        self._excluded |= {step for step, (_, moved) in found.items() if not moved}
+        return {step: problem for step, (problem, _) in found.items()}
+
+    def _step_folders(self) -> list[int]:
+        """Steps with a folder (orbax's temporary folders of unfinished saves excluded)."""
+        if not fileio.isdir(self.directory):
+            return []
+        return sorted(int(n) for n in fileio.listdir(self.directory) if n.isdigit())
+
+    def _move_aside(self, step: int, problem: str) -> bool:
+        try:
+            set_aside.checkpoint(self.workdir, self.step_dir(step), problem)
+            return True
+        except OSError as e:  # A read-only workdir: name it, skip it, leave it.
+            logging.warning("checkpoint %d of %s cannot be read (%s); skipped (not moved "
+                            "aside: %s)", step, self.workdir, problem, e)
+            return False
+
+    def unreadable(self, step: int) -> Optional[str]:
+        """Reads all of checkpoint `step` (once, array by array on the host): what fails,
+        or None. For after a failed restore: damage or another cause?"""
+        problem = (checkpoint_scan.unreadable(self.step_dir(step))
+                   if jax.process_index() == 0 else None)
+        return distributed.agree(problem)
+
+    def move_aside(self, step: int, problem: str) -> None:
+        """Moves damaged checkpoint `step` to `checkpoints_damaged/` with a warning (where it
+        cannot be moved, it is only left out of `all_steps`). Every process must call
+        this (process 0 moves)."""
+        moved = distributed.agree(jax.process_index() == 0 and self._move_aside(step, problem))
+        if moved:
+            self._manager.reload()
+        else:
+            self._excluded.add(step)
+
+    # ------------------------------------------------------------------
+    # Saving.
 
     def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
-        """Starts an async save; returns whether one was started."""
-        return self._manager.save(
-            step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                             META: ocp.args.JsonSave(meta)}), force=force)
+        """Starts an async save; returns whether one was started.
+
+        Raises:
+          SaveFailedError: the previous save, or starting this one, failed.
+        """
+        self.wait()
+        try:
+            started = self._manager.save(
+                step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                 META: ocp.args.JsonSave(meta)}),
+                force=force)
+        except Exception as e:  # Raised while the save starts (e.g. no space for its folder).
+            raise self._failed(step, e) from e
+        if started:
+            self._saving = step
+        return started
+
+    def check_saves(self) -> None:
+        """Raises `SaveFailedError` if the save last started has failed; returns at once
+        while it is still being written (a step boundary costs a flag read)."""
+        if self._saving is not None and not self._manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        """Waits for the save in flight to commit.
+
+        Raises:
+          SaveFailedError: it failed.
+        """
+        step, self._saving = self._saving, None
+        if self._orbax is None:
+            return
+        try:
+            self._orbax.wait_until_finished()
+        except Exception as e:
+            raise self._failed(step, e) from e
+
+    def _failed(self, step: Optional[int], error: BaseException) -> SaveFailedError:
+        return SaveFailedError(f"checkpoint {step} could not be saved to {self.directory}: "
+                               f"{root_cause(error)}; the run stops here; "
+                               f"{self.intact(but=step)}")
+
+    def intact(self, but: Optional[int] = None) -> str:
+        """Which checkpoints a stopped run leaves, and how to go on (for error lines)."""
+        kept = [s for s in self.all_steps() if s != but]
+        if not kept:
+            return "no earlier checkpoint exists; fix the cause and run again"
+        return (f"checkpoints {', '.join(map(str, kept))} are intact; fix the cause and run "
+                f"again to resume from {kept[-1]}")
+
+    # ------------------------------------------------------------------
+    # Reading.
 
     def read_meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -75,8 +218,37 @@ class Checkpointer:
         return restored[STATE], meta
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the save in flight and closes; a failed save is logged here (raise it
+        earlier with `wait`), so closing never hides the error that ended a run."""
+        try:
+            self.wait()
+        except SaveFailedError as e:
+            logging.error("%s", e)
+        if self._orbax is None:
+            return
+        try:
+            self._orbax.close()
+        except Exception as e:  # The same failure, raised again by orbax's metadata store.
+            logging.warning("closing %s: %s", self.directory, root_cause(e))
+
+
+def root_cause(error: BaseException) -> str:
+    """What failed, in a few words: the operating system's error where one is in the
+    chain (tensorstore puts it at the end of a long message), else the first line of
+    the innermost exception."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for e in chain:
+        code = e.errno if isinstance(e, OSError) and e.errno else None
+        found = re.search(r"os_error_code='(\d+)'", str(e))
+        code = code or (int(found.group(1)) if found else None)
+        if code:
+            return f"{os.strerror(code)} (errno {code})"
+    text = str(chain[-1]).strip().splitlines()
+    return f"{type(chain[-1]).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
 
 
 def check_fingerprint(saved: dict, current: dict, where: str) -> None:
@@ -87,4 +259,5 @@ def check_fingerprint(saved: dict, current: dict, where: str) -> None:
         raise CheckpointMismatchError(
             f"{where} holds checkpoints of a different run ({'; '.join(diffs)}); train this "
             f"config in another --workdir (that run's checkpoints and config.json are "
-            f"untouched)")
+            f"untouched), or pass --start_over to move that run aside and train this one "
+            f"here")

@@ -416,9 +416,11 @@ def _train(argv: Sequence[str]) -> int:
     import jax
     config_checks.validate_for_devices(parsed.config, jax.device_count(), jax.process_count())
     from ift_jax import train
-    # Passed only when given: train_and_evaluate takes it once resumes check config changes.
+    # Passed only when given (tests stand in for train_and_evaluate with fewer arguments).
     extra = ({"allow_config_changes": parsed.allow_config_changes}
              if parsed.allow_config_changes else {})
+    if parsed.start_over:
+        extra["start_over"] = True
     train.train_and_evaluate(parsed.config, parsed.workdir, **extra)
     return 0
 

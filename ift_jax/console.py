@@ -8,7 +8,13 @@ called are written to STDERR". Nothing is wrong, and a newcomer should not
 have to learn that. `quiet(verbose)` runs before those libraries load:
 
 - Python loggers: `jax` and `absl` at WARNING, `tensorflow` at ERROR (the TPU
-  probe is an INFO line of jax's);
+  probe is an INFO line of jax's); orbax's own ERROR reports (a failed
+  background save logs its traceback from each of its threads, ~300 lines)
+  are dropped: every orbax failure reaches ift_jax as an exception, which
+  says it in one line (`checkpointing.SaveFailedError`); so are the
+  "Event loop is closed" reports of TensorStore writes that finish after
+  orbax gave up a failed save (`sys.unraisablehook`) and asyncio's "exception
+  was never retrieved" reports of that abandoned work;
 - `TF_CPP_MIN_LOG_LEVEL=2` (unless set): TensorFlow's own C++ INFO/WARNING;
 - native stderr: written by C++ straight to file descriptor 2 (absl logs
   before its initialization ignore TF_CPP_MIN_LOG_LEVEL), so fd 2 is routed
@@ -98,8 +104,56 @@ def quiet_libraries(verbose: bool) -> None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("jax").setLevel(logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and seqio chatter.
+    absl = logging.getLogger("absl")
+    absl.setLevel(logging.WARNING)  # orbax and seqio chatter.
+    if not any(isinstance(f, _OrbaxErrorReports) for f in absl.filters):
+        absl.addFilter(_OrbaxErrorReports())
+    asyncio = logging.getLogger("asyncio")
+    if not any(isinstance(f, _NeverRetrieved) for f in asyncio.filters):
+        asyncio.addFilter(_NeverRetrieved())
+    if not isinstance(sys.unraisablehook, _AbandonedWrites):
+        sys.unraisablehook = _AbandonedWrites(sys.unraisablehook)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+class _OrbaxErrorReports(logging.Filter):
+    """Drops orbax's ERROR records (it raises the same failure to its caller).
+
+    absl's records carry absl's own file as `pathname`, so the caller is found
+    on the stack (only for ERROR records, which are rare)."""
+
+    _ORBAX = f"{os.sep}orbax{os.sep}"
+    _LOGGING = (f"{os.sep}logging{os.sep}", f"{os.sep}absl{os.sep}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        frame = sys._getframe(1)
+        while frame is not None and any(p in frame.f_code.co_filename for p in self._LOGGING):
+            frame = frame.f_back
+        return frame is None or self._ORBAX not in frame.f_code.co_filename
+
+
+class _NeverRetrieved(logging.Filter):
+    """Drops asyncio's "exception was never retrieved": work abandoned after a failure
+    that was raised (and reported) where it mattered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in str(record.msg)
+
+
+class _AbandonedWrites:
+    """`sys.unraisablehook` without the RuntimeError('Event loop is closed') that each
+    TensorStore write still running when orbax abandons a failed save raises."""
+
+    def __init__(self, hook: Callable):
+        self.hook = hook
+
+    def __call__(self, unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        self.hook(unraisable)
 
 
 def setup_logging(verbose: bool) -> None:

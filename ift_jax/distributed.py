@@ -9,15 +9,22 @@ worker). Elsewhere set:
 
 (or pass the same as `--coordinator`, `--num_processes`, `--process_id`).
 On CPU, collectives go through gloo.
+
+Decisions every process must take alike (which checkpoints are readable,
+whether to stop an evaluation) go through `agree` (process 0's value) and
+`any_process` (true if true on any process).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from ift_jax import errors
 
@@ -63,3 +70,24 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
 def _env_int(name: str) -> Optional[int]:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else None
+
+
+def agree(value: Any) -> Any:
+    """Process 0's `value` on every process (JSON-serializable values); a collective:
+    every process must call it."""
+    if jax.process_count() == 1:
+        return value
+    main = jax.process_index() == 0
+    text = json.dumps(value).encode() if main else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
+    buffer = np.zeros((size,), np.uint8)
+    if main:
+        buffer[:] = np.frombuffer(text, np.uint8)
+    return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process; a collective: every process must call it."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([bool(flag)]))))

@@ -21,15 +21,13 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
 
 from ift_jax import errors
-from ift_jax import evaluation, fileio, inference, model_setup, report, runs, suites
+from ift_jax import distributed, evaluation, fileio, inference, model_setup, report, runs, suites
 from ift_jax import metrics as metrics_lib
 from ift_jax.data import inspection
 from ift_jax.data.vocabularies import TASK_VOCABULARY
@@ -44,14 +42,7 @@ def _is_main() -> bool:
 
 def agree(value: Any) -> Any:
     """Process 0's `value` on every process (JSON-serializable values)."""
-    if jax.process_count() == 1:
-        return value
-    text = json.dumps(value).encode() if _is_main() else b""
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(text))))
-    buffer = np.zeros((size,), np.uint8)
-    if _is_main():
-        buffer[:] = np.frombuffer(text, np.uint8)
-    return json.loads(bytes(multihost_utils.broadcast_one_to_all(buffer)).decode())
+    return distributed.agree(value)
 
 
 def _task_names(names: Sequence[str]) -> list[str]:
@@ -104,11 +95,17 @@ def pending_incontext(config: ml_collections.ConfigDict, workdir: str) -> list[i
 
 
 class RunEvaluator:
-    """Evaluates one run's model at evaluation points on `mesh`."""
+    """Evaluates one run's model at evaluation points on `mesh`.
+
+    `should_stop` (training passes its SIGTERM flag) is asked before every batch;
+    once it is true on any host, the point stops with `inference.Cancelled` and
+    writes nothing (its `eval/step_N.json` is missing, so it is done again).
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, model: Any, workdir: str,
-                 mesh: jax.sharding.Mesh):
+                 mesh: jax.sharding.Mesh, should_stop: Optional[Callable[[], bool]] = None):
         self.config, self.model, self.workdir, self.mesh = config, model, workdir, mesh
+        self.should_stop = should_stop
         check_suites(config)
         self.specs = spec_from_config(config)
         metrics_lib.set_rouge_sentence_split(config.eval.get("rouge_sentence_split", "pysbd"))
@@ -119,7 +116,15 @@ class RunEvaluator:
             self.model, params, self.mesh, batch_size=e.batch_size,
             inputs_length=d.inputs_length, targets_length=d.targets_length,
             num_beams=e.get("num_beams", 1), length_penalty=e.get("length_penalty", 1.0),
-            num_buckets=e.get("length_buckets", 4))
+            num_buckets=e.get("length_buckets", 4),
+            should_stop=self._stop_requested if self.should_stop else None)
+
+    def _stop_requested(self) -> bool:
+        return distributed.any_process(self.should_stop())
+
+    def pending(self, step: int) -> bool:
+        """Whether evaluation point `step` has no `eval/step_<N>.json` (process 0 reads)."""
+        return not agree(step in evaluation.finished_steps(self.workdir))
 
     def at_step(self, step: int, params: Any) -> Optional[dict[str, dict[str, float]]]:
         """Evaluation point `step`; at step 0 also the pending in-context baselines,
@@ -199,22 +204,34 @@ def evaluate_checkpoints(workdir: str, which: str = "all",
     over this job's devices (or `mesh`).
 
     Step 0 (the starting model) counts as a checkpoint when `eval.at_start` is
-    set. A checkpoint that cannot be read is skipped with a warning naming it.
+    set. Damaged checkpoints are found and set aside as training does
+    (`runs.Run.check_checkpoints`; `latest` is then the newest readable one), a
+    checkpoint that fails to read in full is skipped; each is named in a
+    warning and reported in `unreadable`, never as evaluated.
 
     Args:
       which: `all`, `latest`, or a step number.
       incontext: shot counts for the untuned model (default: `eval.incontext_shots`);
         each is evaluated once.
     """
+    error = fileio.unwritable(workdir) if _is_main() and fileio.isdir(workdir) else None
+    if error is not None:
+        raise errors.ConfigError(f"--workdir={workdir} is not writable ({error.strerror or error}"
+                                 f"): evaluation writes eval/ and predictions/ there; give a "
+                                 f"copy of the run that this user can write to")
     run = runs.Run.open(workdir, mesh_override=mesh)
     config = run.config
     if incontext is not None:
         config.eval.incontext_shots = ",".join(str(k) for k in incontext)
     model_setup.prepare_data(config)
+    damaged = run.check_checkpoints()
     steps = ([0] if config.eval.get("at_start", False) else []) + run.steps()
-    steps = _which_steps(steps, which, workdir)
+    asked_damaged = which not in ("all", "latest") and int(which) in damaged
+    steps = [] if asked_damaged else _which_steps(steps, which, workdir)
     done = set(agree(evaluation.finished_steps(workdir)))
-    outcome = CheckpointsEvaluated([], sorted(done & set(steps)), [])
+    skipped = sorted(damaged) if which == "all" or asked_damaged else [
+        s for s in damaged if not steps or s > steps[-1]]  # `latest`: the newer ones.
+    outcome = CheckpointsEvaluated([], sorted(done & set(steps)), skipped)
     evaluator = RunEvaluator(config, run.setup.eval_model, workdir, run.mesh)
     try:
         for step in steps:
@@ -222,9 +239,8 @@ def evaluate_checkpoints(workdir: str, which: str = "all",
                 continue
             try:
                 params, _ = run.params(step)
-            except Exception as e:  # A half-written checkpoint must not stop the others.
-                logging.warning("checkpoint %d of %s cannot be read (%s); skipped", step,
-                                workdir, str(e).splitlines()[0])
+            except errors.CheckpointError as e:  # Damaged: the other steps still count.
+                logging.warning("%s; skipped", e)
                 outcome.unreadable.append(step)
                 continue
             evaluator.step(step, params)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import builtins
 import os
-from typing import IO, Any
+from typing import IO, Any, Optional
 
 
 def is_remote(path: str) -> bool:
@@ -87,3 +87,39 @@ def remove(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def move(source: str, target: str) -> None:
+    """Moves a file or folder to `target` (which must not exist; its parent is made).
+    Locally a rename (atomic on one filesystem); on buckets, which cannot rename
+    folders, every object is copied, then the source removed."""
+    makedirs(os.path.dirname(target.rstrip("/")))
+    if not is_remote(source):
+        if os.path.exists(target):
+            raise FileExistsError(target)
+        os.rename(source, target)
+        return
+    src, dst = _epath(source), _epath(target)
+    if not src.is_dir():
+        src.copy(dst)
+        src.unlink()
+        return
+    for path in src.rglob("*"):
+        if not path.is_dir():
+            out = dst / path.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            path.copy(out)
+    src.rmtree()
+
+
+def unwritable(directory: str) -> Optional[OSError]:
+    """Why this process cannot write into `directory` (made if missing), or None: a
+    file is written and removed there (permissions alone miss read-only mounts)."""
+    probe = os.path.join(directory, f".ift_jax_write_test.{os.getpid()}")
+    try:
+        makedirs(directory)
+        write_text(probe, "")
+        remove(probe)
+    except OSError as e:
+        return e
+    return None

@@ -17,6 +17,10 @@ per row, in the rows' order, on every host.
   (`jax.make_array_from_process_local_data`) and gets back every row's
   result (`process_allgather`): on a multi-host job every host must call the
   same methods with the same rows, as all do in training's evaluation.
+- **Cancellable.** `should_stop` (optional) is asked before every batch; when
+  it says true the call raises `Cancelled` (training's SIGTERM stops an
+  evaluation within one batch). On a multi-host job it must answer alike on
+  every host (`evaluator.RunEvaluator` asks all hosts).
 - **Rank classification in one call.** `score_choices` encodes each input
   once and scores all of its answer choices against that encoding
   (`decoding.score_choices`).
@@ -53,6 +57,10 @@ def _bucket(length: int, buckets: Sequence[int]) -> int:
     return next((b for b in buckets if b >= length), buckets[-1])
 
 
+class Cancelled(Exception):
+    """`should_stop` said true before a batch; the call's results are incomplete."""
+
+
 def _pow2_at_least(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
@@ -67,12 +75,15 @@ class Inference:
       inputs_length / targets_length: the usual longest input and target; the
         buckets are fractions of these (or of the longest row, if longer).
       num_buckets: how many padded lengths each of inputs and targets may take.
+      should_stop: asked before every batch; true raises `Cancelled`.
     """
 
     def __init__(self, model: Any, params: Any, mesh: jax.sharding.Mesh, *, batch_size: int,
                  inputs_length: int, targets_length: int, num_beams: int = 1,
-                 length_penalty: float = 1.0, num_buckets: int = 4):
+                 length_penalty: float = 1.0, num_buckets: int = 4,
+                 should_stop: Optional[Callable[[], bool]] = None):
         self.model, self.params, self.mesh = model, params, mesh
+        self.should_stop = should_stop
         self.sharding = partitioning.batch_sharding(mesh)
         shards = math.prod(mesh.shape[a] for a in _batch_axes(self.sharding))
         self.batch_size = math.ceil(max(batch_size, 1) / shards) * shards
@@ -94,6 +105,8 @@ class Inference:
             groups.setdefault(_bucket(len(inputs[i]), buckets), []).append(i)
         for length, members in sorted(groups.items()):
             for start in range(0, len(members), self.batch_size):
+                if self.should_stop is not None and self.should_stop():
+                    raise Cancelled("stop requested")
                 yield members[start:start + self.batch_size], length
 
     def _input_buckets(self, longest: int) -> list[int]:

@@ -6,8 +6,14 @@ and t5x users know them). The config file is loaded first, by
 `config_files.load`, so a missing or broken file is one line naming file and
 line; then absl applies the overrides to it. Positional arguments and anything
 after `--` are refused: absl would ignore them and the embedded default would
-train instead of what the user meant. `--help`, `-h` and `--helpfull` print the
-usage, the flags and the chosen config's tree with every value and comment.
+train instead of what the user meant. So are two other silent substitutions:
+a flag given twice (`--workdir`, `--allow_config_changes`, `--start_over`;
+absl keeps the last), and a value-taking flag written with a space whose
+"value" is the next flag (`--config.data.mixture --config.train.steps=5`
+would set the mixture to that text and train the default steps). `-config`
+with one dash is `--config`, as absl reads every other flag. `--help`, `-h`
+and `--helpfull` print the usage, the flags and the chosen config's tree with
+every value and comment.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ HELP_FLAGS = ("--help", "-h", "--helpfull")
 
 TRAIN_USAGE = """\
 usage: ift-jax train [--config=FILE[:arg]] --workdir=DIR [--config.KEY=VALUE ...]
-                     [--allow_config_changes=KEY,...] [--verbose]
+                     [--allow_config_changes=KEY,...] [--start_over] [--verbose]
 
 Trains a T5 with the config's method, evaluating as `eval` says; resumes from
 WORKDIR's latest checkpoint when it has one (else init_from, else scratch).
@@ -38,6 +44,10 @@ flags:
   --allow_config_changes=KEY,...
                         resume although these fields (or sections, e.g. eval)
                         differ from WORKDIR/config.json
+  --start_over          move an earlier run's files in WORKDIR (checkpoints,
+                        metrics, eval) to WORKDIR/start_over-<time>/ and train
+                        from init_from or scratch; needed when all of its
+                        checkpoints were damaged (moved to checkpoints_damaged/)
   --verbose             keep the start-up logging of TensorFlow, XLA and absl
                         (also: IFT_JAX_VERBOSE=1)
   -h, --help, --helpfull
@@ -70,6 +80,7 @@ class TrainFlags:
     config_spec: str
     workdir: Optional[str]
     allow_config_changes: tuple[str, ...] = ()
+    start_over: bool = False
 
 
 def wants_help(argv: Sequence[str]) -> bool:
@@ -81,9 +92,14 @@ def config_spec(argv: Sequence[str]) -> tuple[str, list[str]]:
     specs, rest, i = [], [], 0
     while i < len(argv):
         arg = argv[i]
+        if arg.startswith("-config="):  # One dash: absl's reading of any flag.
+            arg = "-" + arg
         if arg.startswith("--config="):
             specs.append(arg[len("--config="):])
-        elif arg == "--config" and i + 1 < len(argv):
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
+            if argv[i + 1].startswith("--"):
+                raise ConfigError(f"{arg} has no value: the next argument {argv[i + 1]!r} "
+                                  f"would be taken as it; write --config=FILE")
             specs.append(argv[i + 1])
             i += 1
         else:
@@ -115,6 +131,7 @@ def parse_train(argv: Sequence[str], require_workdir: bool = True,
     _refuse_stray_arguments("train", argv)
     spec, rest = config_spec(argv)
     config = config_files.load(spec)
+    _refuse_silent_substitutions(rest, config)
     values = flags.FlagValues()
     prog = "ift-jax train"
     try:
@@ -123,6 +140,8 @@ def parse_train(argv: Sequence[str], require_workdir: bool = True,
                                         lock_config=True, sys_argv=[prog, *rest])
         flags.DEFINE_string("workdir", None, "run directory", flag_values=values)
         flags.DEFINE_list("allow_config_changes", [], "fields a resume may change",
+                          flag_values=values)
+        flags.DEFINE_bool("start_over", False, "move an earlier run aside and start again",
                           flag_values=values)
         positional = values([prog, *rest])[1:]
         config = values.config
@@ -137,7 +156,48 @@ def parse_train(argv: Sequence[str], require_workdir: bool = True,
     config_diff.check_allowed_keys(allowed, config)
     if validate:
         config_checks.validate(config)
-    return TrainFlags(config, spec, values.workdir, allowed)
+    return TrainFlags(config, spec, values.workdir, allowed, values.start_over)
+
+
+_OWN_FLAGS = ("workdir", "allow_config_changes", "start_over")
+_VALUE_FLAGS = ("workdir", "allow_config_changes")
+
+
+def _flag_name(arg: str) -> Optional[str]:
+    """`--workdir=x` / `-workdir` -> `workdir`; None for a non-flag."""
+    if not arg.startswith("-") or arg in ("-", "--"):
+        return None
+    name = arg.lstrip("-").split("=", 1)[0]
+    return name[2:] if name.startswith("no") and name[2:] in _OWN_FLAGS else name
+
+
+def _takes_value(name: str, config: Any) -> bool:
+    """Whether flag `name` (no `=`) takes the next argument as its value."""
+    if name in _VALUE_FLAGS:
+        return True
+    if not name.startswith("config."):
+        return False
+    value = config_checks.get(config, name[len("config."):])
+    return value is not config_checks._MISSING and not isinstance(value, bool)
+
+
+def _refuse_silent_substitutions(argv: Sequence[str], config: Any) -> None:
+    """A flag given twice, or a value-taking flag whose space-separated value is the
+    next flag: absl would accept both and train something else than asked."""
+    seen: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        name = _flag_name(arg)
+        if name in _OWN_FLAGS:
+            if name in seen:
+                raise ConfigError(f"--{name} is given twice ({seen[name]} and {arg}); give "
+                                  f"it once")
+            seen[name] = arg
+        if name is None or "=" in arg or not _takes_value(name, config):
+            continue
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if following is not None and following.startswith("--"):
+            raise ConfigError(f"{arg} has no value: the next argument {following!r} would be "
+                              f"taken as it; write {arg}=VALUE")
 
 
 def _flag_error(error: Exception) -> str:

@@ -233,6 +233,14 @@ class RunLock:
             self._write(self._holder)
 
 
+def live_holder(workdir: str) -> Optional[Holder]:
+    """The live process holding `workdir`'s run lock, or None (no lock, or a stale one)."""
+    holder = RunLock(workdir).read()
+    if holder is None or is_stale(holder, time.time()):
+        return None
+    return holder
+
+
 @contextlib.contextmanager
 def hold(workdir: str, process_index: Optional[int] = None, **kwargs) -> Iterator[
         Optional[RunLock]]:

@@ -10,8 +10,10 @@ that uses a model.
   checkpoint, or another ift_jax workdir, whose final model is read back merged).
 - `build_setup(config)`: `model_setup.build` with that base loaded.
 - `start(setup, mesh, ckpt)`: the training start-up order, logged as it
-  happens: 1. resume from the latest checkpoint in the workdir; 2. else
-  `init_from`; 3. else from scratch.
+  happens: 1. resume from the newest readable checkpoint in the workdir (one
+  that fails to restore and reads as damaged is set aside and the next one
+  tried); 2. else `init_from`; 3. else from scratch — refused while damaged
+  checkpoints were set aside and none is left (`--start_over` asks for it).
 - `Run`: a finished (or running) run read back on a mesh: its config,
   setup, checkpoint steps, and full params at a step (step 0: the starting
   model), sharded as they are for training.
@@ -33,7 +35,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ift_jax import errors
-from ift_jax import checkpointing, fileio, hf, model_setup, partitioning, peft, t5x_checkpoint
+from ift_jax import (checkpointing, distributed, fileio, hf, model_setup, partitioning, peft,
+                     run_lock, set_aside, t5x_checkpoint)
 from ift_jax.models import t5
 
 
@@ -96,21 +99,72 @@ def start(setup: model_setup.Setup, mesh: jax.sharding.Mesh,
           ckpt: checkpointing.Checkpointer) -> tuple[model_setup.Initialized, int]:
     """The training start-up: `(initialized state, start step)`.
 
-    Order (DESIGN): 1. resume from the latest checkpoint of the workdir;
-    2. else `init_from` (an HF T5 directory or another ift_jax workdir);
-    3. else from scratch with the seed.
+    Order (DESIGN): 1. resume from the newest readable checkpoint of the
+    workdir; 2. else `init_from` (an HF T5 directory or another ift_jax
+    workdir); 3. else from scratch with the seed.
+
+    Call `ckpt.set_aside_damaged()` first. A checkpoint that still fails to
+    restore is read in full; if that read fails too it is damaged: set aside,
+    and the next newest is tried. Any other restore failure is raised as it is.
+
+    Raises:
+      NoReadableCheckpointError: damaged checkpoints were set aside and no readable
+        one is left (starting from scratch would silently drop the run's progress).
     """
-    latest = ckpt.latest_step()
-    init = model_setup.initialize(setup, mesh, restoring=latest is not None)
-    if latest is not None:
-        init.state = restore(ckpt, latest, setup, init.state)
-        logging.info("start-up: resumed from %s step %d", ckpt.directory, latest)
-        return init, latest
+    restored = _restore_newest_readable(setup, mesh, ckpt)
+    if restored is not None:
+        return restored
+    check_can_start_without_checkpoint(ckpt.workdir)
+    init = model_setup.initialize(setup, mesh, restoring=False)
     if setup.config.init_from:
         logging.info("start-up: initialized from %s", setup.config.init_from)
     else:
         logging.info("start-up: from scratch (no checkpoint in the workdir, no init_from)")
     return init, 0
+
+
+class NoReadableCheckpointError(errors.CheckpointError):
+    """Every checkpoint of a run was damaged and set aside."""
+
+
+def check_can_start_without_checkpoint(workdir: str) -> None:
+    """Refuses to start a run from `init_from` or scratch while damaged checkpoints of
+    it were set aside (`checkpoints_damaged/`) and no readable one is left."""
+    damaged = distributed.agree(set_aside.damaged(workdir) if jax.process_index() == 0
+                                else [])
+    if damaged:
+        raise NoReadableCheckpointError(
+            f"{workdir} has no readable checkpoint left ({len(damaged)} damaged one(s) were "
+            f"moved to {os.path.join(workdir, set_aside.DAMAGED)}: {', '.join(damaged)}); "
+            f"to train again from init_from or scratch pass --start_over (the earlier run's "
+            f"files are moved aside, not deleted)")
+
+
+def _restore_newest_readable(setup: model_setup.Setup, mesh: jax.sharding.Mesh,
+                             ckpt: checkpointing.Checkpointer
+                             ) -> Optional[tuple[model_setup.Initialized, int]]:
+    init = None
+    while (latest := ckpt.latest_step()) is not None:
+        init = init or model_setup.initialize(setup, mesh, restoring=True)
+        failure: Optional[Exception] = None
+        try:
+            state = restore(ckpt, latest, setup, init.state)
+        except checkpointing.CheckpointMismatchError:
+            raise
+        except Exception as e:  # Damage, or anything else: the full read tells.
+            failure = e
+        if not distributed.any_process(failure is not None):
+            init.state = state
+            logging.info("start-up: resumed from %s step %d", ckpt.directory, latest)
+            return init, latest
+        problem = ckpt.unreadable(latest)
+        if problem is None:
+            if failure is not None:
+                raise failure
+            raise errors.CheckpointError(f"restoring {ckpt.step_dir(latest)} failed on "
+                                         f"another process; see its log")
+        ckpt.move_aside(latest, f"restoring it failed: {problem}")
+    return None
 
 
 # ----------------------------------------------------------------------------
@@ -203,8 +257,19 @@ class Run:
         return cls(config, workdir, mesh or run_mesh(config.get("mesh")))
 
     def steps(self) -> list[int]:
-        """Checkpoint steps, oldest first."""
+        """Checkpoint steps, oldest first (without those `check_checkpoints` found damaged)."""
         return self._ckpt.all_steps() if self._ckpt else []
+
+    def check_checkpoints(self) -> dict[int, str]:
+        """Damaged checkpoints, {step: problem} (cheap: `checkpoint_scan.problem`), each
+        named in a warning and left out of `steps()`. They are moved to
+        `checkpoints_damaged/` as training does, unless a live run holds the workdir
+        (that run sets them aside at its next start) or the workdir is read-only."""
+        if self._ckpt is None:
+            return {}
+        live = distributed.agree(jax.process_index() == 0
+                                 and run_lock.live_holder(self.workdir) is not None)
+        return self._ckpt.set_aside_damaged(move=not live)
 
     def _init(self, restoring: bool) -> model_setup.Initialized:
         if restoring not in self._initialized:
@@ -233,7 +298,16 @@ class Run:
         if step not in steps:
             raise errors.CheckpointError(f"{self.workdir} has no checkpoint {step}; steps: {steps}")
         init = self._init(restoring=True)
-        state = restore(self._ckpt, step, self.setup, init.state)
+        try:
+            state = restore(self._ckpt, step, self.setup, init.state)
+        except checkpointing.CheckpointMismatchError:
+            raise
+        except Exception:
+            problem = self._ckpt.unreadable(step)
+            if problem is None:
+                raise  # Not the checkpoint's bytes: out of memory, a bug, ...
+            raise errors.CheckpointError(f"checkpoint {step} of {self.workdir} cannot be read: "
+                                         f"{problem}") from None
         return peft.merge_params(state.params, init.frozen), step
 
     def close(self) -> None:

@@ -5,6 +5,14 @@ only w.r.t. the method's trainable partition). Start-up goes through
 `ift_jax.runs.start` (resume → init_from → scratch); evaluation runs on the
 training mesh (`ift_jax.evaluator`), on every host.
 
+Restarts continue the run as if it had not stopped: damaged checkpoints are
+set aside and the newest readable one is used (`checkpointing`, `runs.start`);
+metrics rows logged after the restored step (by the run that was cut off) are
+dropped; an evaluation point due at the restored step whose results are
+missing (cut off by a kill or a SIGTERM, which stops an evaluation within a
+batch) is evaluated first. A failed asynchronous save stops the run at the
+next step boundary with one line naming the step and the cause.
+
 The host never waits on the device per step: metrics of step N are fetched
 after step N+1 has been dispatched.
 """
@@ -16,14 +24,15 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from ift_jax import (checkpointing, config_checks, config_diff, errors, evaluator, fileio,
-                     model_setup, partitioning, run_lock, runs, suites)
+from ift_jax import (checkpointing, config_checks, config_diff, distributed, errors, evaluator,
+                     fileio, inference, model_setup, partitioning, run_lock, runs, set_aside,
+                     suites)
 from ift_jax.train_step import (  # noqa: F401  (the step's public names, also here)
     TrainState, global_batches, jit_train_step, train_step)
 
@@ -80,7 +89,8 @@ class MetricsLog:
 
 
 class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop finishes the step, saves and exits 0."""
+    """SIGTERM/SIGINT set a flag; the loop finishes the step (or the evaluation stops
+    at its next batch), saves and exits 0."""
 
     def __init__(self):
         self.requested = False
@@ -106,8 +116,14 @@ class NonFiniteLossError(errors.TrainingError):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_config_changes: Sequence[str] = ()) -> dict:
+                       allow_config_changes: Sequence[str] = (),
+                       start_over: bool = False) -> dict:
     """Trains (resuming if the workdir has a checkpoint) and returns the last metrics.
+
+    With `start_over`, an earlier run's files in `workdir` (checkpoints, damaged
+    ones, metrics, evaluation, config) are moved to `workdir/start_over-<time>/`
+    first and training starts from `init_from` or scratch. Without it, a workdir
+    whose checkpoints were all damaged (set aside) is refused.
 
     Nothing is written before every check has passed: the config's values
     (`config_checks`), no benchmark task in the training mixture
@@ -122,9 +138,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     model_setup.prepare_data(config)
     suites.check_training_mixture(config.data.mixture)
     evaluator.check_suites(config)
-    fileio.makedirs(workdir)
+    _check_writable(workdir)
     with run_lock.hold(workdir):
+        if start_over:
+            _start_over(workdir)
         return _train(config, workdir, allow_config_changes)
+
+
+def _check_writable(workdir: str) -> None:
+    """Refuses a workdir this process cannot write, before anything is written."""
+    error = fileio.unwritable(workdir)
+    if error is not None:
+        raise errors.ConfigError(f"--workdir={workdir} is not writable ({error.strerror or error}"
+                                 f"); give a folder this user can write to")
+
+
+def _start_over(workdir: str) -> None:
+    moved = set_aside.earlier_run(workdir) if jax.process_index() == 0 else None
+    moved = distributed.agree(moved)  # Every host waits for the move.
+    logging.info("start-up: starting over%s", f" (earlier run moved to {moved})" if moved
+                 else " (nothing to move aside)")
 
 
 def _config_changes(config: ml_collections.ConfigDict, workdir: str, setup, ckpt,
@@ -161,13 +194,18 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str,
 
 def _train(config: ml_collections.ConfigDict, workdir: str,
            allow_config_changes: Sequence[str]) -> dict:
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    ckpt.set_aside_damaged()  # Before anything reads a checkpoint.
+    if ckpt.latest_step() is None:  # Refused here, before the model is even built.
+        runs.check_can_start_without_checkpoint(workdir)
     setup = runs.build_setup(config)
     mesh = partitioning.make_mesh(dict(config.mesh))
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     changes = _config_changes(config, workdir, setup, ckpt, allow_config_changes)
     init, start = runs.start(setup, mesh, ckpt)
     state, frozen, shardings = init.state, init.frozen, init.shardings
     _write_config(config, workdir, changes, start)
+    _drop_metrics_after(workdir, start)
+    _mark_unfinished(workdir, start, config.train.steps)
     model_setup.release_init_params(setup)  # On the devices now.
     if jax.process_index() == 0:
         model_setup.write_model_info(workdir, setup, state.params, frozen)
@@ -180,8 +218,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     log = MetricsLog(workdir, config.train.steps,
                      setup.flops_per_token if config.device_peak_flops else 0.0,
                      config.device_peak_flops)
-    evaluate = _evaluator(config, setup, workdir, log, mesh)
     stop = StopRequested()
+    evaluate = _evaluator(config, setup, workdir, log, mesh, stop)
     rng = jax.random.key(config.train.seed)
     started = time.perf_counter()
     pending: Optional[tuple[int, dict]] = None
@@ -191,7 +229,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         with partitioning.mesh_context(mesh):
             if evaluate and start == 0:  # The starting model: step 0 and in-context.
                 evaluate(0, model_setup.merge(state.params, frozen))
+            elif evaluate and _eval_due(start, config) and evaluate.pending(start):
+                logging.info("start-up: evaluation point %d has no eval/step_%d.json (it was "
+                             "cut off); evaluating it first", start, start)
+                evaluate(start, model_setup.merge(state.params, frozen))
             while step < config.train.steps and not stop.requested:
+                ckpt.check_saves()  # A failed save stops the run here, not a save later.
                 batch = next(batches)
                 state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(rng, step))
                 step += 1
@@ -202,16 +245,24 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                     # Check this step's loss first: never checkpoint a non-finite state.
                     last, pending = _report(log, setup, *pending, config), None
                     ckpt.save(step, state, setup.checkpoint_meta())
-                if evaluate and (step % config.eval.every == 0 or step == config.train.steps):
+                if evaluate and _eval_due(step, config):
                     evaluate(step, model_setup.merge(state.params, frozen))
             if pending is not None:
                 last = _report(log, setup, *pending, config)
             if stop.requested:
                 if ckpt.latest_step() != step:
                     ckpt.save(step, state, setup.checkpoint_meta(), force=True)
+                ckpt.wait()
                 logging.warning("stopped at step %d; checkpoint saved", step)
+        ckpt.wait()  # `finished` only once the last checkpoint is committed.
         if jax.process_index() == 0:
-            _write_summary(workdir, config, step, last, state.params, frozen, started)
+            _write_summary(workdir, config, step, last, state.params, frozen, started,
+                           finished=step >= config.train.steps and not stop.requested)
+    except OSError as e:  # Disk full, a read-only remount: one line, as for a failed save.
+        ckpt.wait()  # A save that failed as well says more (SaveFailedError names its step).
+        raise errors.TrainingError(
+            f"writing into {workdir} failed at step {step}: {checkpointing.root_cause(e)}; "
+            f"the run stops here; {ckpt.intact()}") from e
     finally:
         ckpt.close()
         log.close()
@@ -230,13 +281,14 @@ def peak_memory() -> dict[str, Optional[int]]:
 
 
 def _write_summary(workdir: str, config, step: int, last: dict, trainable: Any, frozen: Any,
-                   started: float) -> None:
+                   started: float, finished: bool) -> None:
     """`summary.json`: where the run stopped, its last metrics, sizes and peak memory
-    (sweeps read it; `finished` marks a run that reached `train.steps`)."""
+    (sweeps and the launchers read it; `finished` marks a run that reached
+    `train.steps` and was not stopped, e.g. during its last evaluation)."""
     counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
               for name, tree in (("trainable", trainable), ("frozen", frozen))}
     summary = {"step": step, "steps": config.train.steps,
-               "finished": step >= config.train.steps,
+               "finished": finished,
                "train": {k: float(v) for k, v in last.items()},
                "params": {**counts, "total": counts["trainable"] + counts["frozen"]},
                "peak_memory": peak_memory(), "wall_s": time.perf_counter() - started,
@@ -245,21 +297,85 @@ def _write_summary(workdir: str, config, step: int, last: dict, trainable: Any, 
         json.dump(summary, f, indent=2, sort_keys=True)
 
 
-def _evaluator(config, setup, workdir: str, log: MetricsLog, mesh
-               ) -> Optional[Callable]:
-    """`(step, params) -> None` decoding and scoring the eval tasks on the training
-    mesh (every host takes part; process 0 writes), or None if evaluation is off."""
+def _eval_due(step: int, config) -> bool:
+    return step > 0 and (step % config.eval.every == 0 or step == config.train.steps)
+
+
+class _Evaluate:
+    """`(step, params) -> None`: decodes and scores the eval tasks on the training mesh
+    (every host takes part; process 0 writes). A stop request cancels the point
+    within a batch (nothing of it is written; it is evaluated again at the restart)."""
+
+    def __init__(self, run_evaluator: evaluator.RunEvaluator, log: MetricsLog,
+                 stop: StopRequested):
+        self.run_evaluator, self.log, self.stop = run_evaluator, log, stop
+
+    def pending(self, step: int) -> bool:
+        return self.run_evaluator.pending(step)
+
+    def __call__(self, step: int, params: Any) -> None:
+        try:
+            results = self.run_evaluator.at_step(step, params)
+        except inference.Cancelled:
+            self.stop.requested = True  # On every host: the cancel was agreed by all.
+            logging.warning("evaluation at step %d stopped by the stop request; it is done "
+                            "again when the run resumes", step)
+            return
+        if results:
+            self.log.writer.write_scalars(step, {f"eval/{task}/{k}": v
+                                                 for task, m in results.items()
+                                                 for k, v in m.items()})
+
+
+def _evaluator(config, setup, workdir: str, log: MetricsLog, mesh, stop: StopRequested
+               ) -> Optional[_Evaluate]:
+    """The run's evaluation, or None if evaluation is off."""
     if not config.eval.every:
         return None
-    run_evaluator = evaluator.RunEvaluator(config, setup.eval_model, workdir, mesh)
+    run_evaluator = evaluator.RunEvaluator(config, setup.eval_model, workdir, mesh,
+                                           should_stop=lambda: stop.requested)
+    return _Evaluate(run_evaluator, log, stop)
 
-    def run(step: int, params: Any) -> None:
-        results = run_evaluator.at_step(step, params)
-        if results:
-            log.writer.write_scalars(step, {f"eval/{task}/{k}": v
-                                            for task, m in results.items()
-                                            for k, v in m.items()})
-    return run
+
+def _drop_metrics_after(workdir: str, step: int) -> None:
+    """Rewrites `train_metrics.jsonl` without the rows of steps after `step` (logged by a
+    run cut off before its next checkpoint; they are logged again) and any partial
+    last line. Atomic: written aside, then moved over the old file."""
+    path = os.path.join(workdir, "train_metrics.jsonl")
+    if jax.process_index() != 0 or not fileio.exists(path):
+        return
+    with fileio.open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    kept = [line if line.endswith("\n") else line + "\n" for line in kept]
+    fileio.write_text(path + ".tmp", "".join(kept))
+    fileio.replace(path + ".tmp", path)
+    logging.info("start-up: dropped %d metrics row(s) after step %d from %s (they are logged "
+                 "again)", len(lines) - len(kept), step, path)
+
+
+def _mark_unfinished(workdir: str, start: int, steps: int) -> None:
+    """An earlier `summary.json` saying `finished` no longer holds once this run has steps
+    to train (a resume with more `train.steps`): a run that then fails must not read
+    as done to a launcher."""
+    path = os.path.join(workdir, "summary.json")
+    if jax.process_index() != 0 or start >= steps or not fileio.exists(path):
+        return
+    with fileio.open(path) as f:
+        summary = json.load(f)
+    if summary.get("finished") is not False:
+        summary.update(finished=False, steps=steps)
+        fileio.write_text(path + ".tmp", json.dumps(summary, indent=2, sort_keys=True))
+        fileio.replace(path + ".tmp", path)
+
+
+def _row_step(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _report(log: MetricsLog, setup, step: int, metrics: dict, config) -> dict:

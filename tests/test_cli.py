@@ -266,6 +266,48 @@ def test_device_aware_checks_use_the_devices_jax_sees(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--workdir=W", "--workdir=W2"], "--workdir is given twice (--workdir=W and --workdir=W2)"),
+    (["--workdir=W", "-workdir", "W2"], "--workdir is given twice"),
+    (["--workdir=W", "--allow_config_changes=train.steps", "--allow_config_changes=eval"],
+     "--allow_config_changes is given twice"),
+    (["--workdir=W", "--config.data.mixture", "--config.train.steps=5"],
+     "--config.data.mixture has no value: the next argument '--config.train.steps=5' would be "
+     "taken as it; write --config.data.mixture=VALUE"),
+    (["--workdir", "--config.train.steps=5"], "--workdir has no value"),
+    (["--config", "--workdir=W"], "--config has no value: the next argument '--workdir=W'"),
+    (["--workdir=W", "--confg=configs/flan_t5.py"], "Unknown command line flag 'confg'"),
+])
+def test_command_lines_that_would_train_something_else_are_refused(argv, message, tmp_path,
+                                                                   capsys, monkeypatch):
+    # Each of these, given to absl as it is, trained the embedded default (or another
+    # workdir) without a word.
+    monkeypatch.chdir(tmp_path)
+    err = _one_error_line(capsys, ["train", *argv])
+    assert message in err, err
+    assert not (tmp_path / "W").exists() and not (tmp_path / "W2").exists()
+
+
+def test_space_separated_values_and_one_dash_flags_are_read_as_meant():
+    from ift_jax import run_flags
+    parsed = run_flags.parse_train(["-config", "configs/flan_t5.py:size=small", "-workdir", "w",
+                                    "--config.train.steps", "50", "--config.eval.at_start"])
+    assert parsed.config_spec == "configs/flan_t5.py:size=small" and parsed.workdir == "w"
+    assert parsed.config.train.steps == 50 and parsed.config.eval.at_start is True
+    parsed = run_flags.parse_train(["-config=configs/default.py", "--workdir=w", "--start_over"])
+    assert parsed.config_spec == "configs/default.py" and parsed.start_over is True
+
+
+def test_start_over_is_passed_to_training_only_when_given(tmp_path, monkeypatch):
+    from ift_jax import train
+    calls = []
+    monkeypatch.setattr(train, "train_and_evaluate",
+                        lambda config, workdir, **kw: calls.append(kw))
+    assert cli.main(["train", f"--workdir={tmp_path}/a"]) == 0
+    assert cli.main(["train", f"--workdir={tmp_path}/a", "--start_over"]) == 0
+    assert calls == [{}, {"start_over": True}]
+
+
 def test_allow_config_changes_names_must_be_config_keys(tmp_path, capsys):
     err = _one_error_line(capsys, ["train", f"--workdir={tmp_path}/w",
                                    "--allow_config_changes=train.steps,train.stepz"])

@@ -49,6 +49,8 @@ def _resume_to_the_end(workdir, args, log, expected_step: int, uninterrupted) ->
         run.close()
     assert _resumed_step(run) == expected_step
     assert train_runs.committed_steps(workdir)[-1] == STEPS
+    # Rows logged after the restored step by the stopped run were dropped, then logged again.
+    assert [r["step"] for r in train_runs.metrics_rows(workdir)] == list(range(1, STEPS + 1))
     train_runs.assert_trees_equal(train_runs.checkpoint_state(workdir, STEPS)["params"],
                                   uninterrupted(), rtol=0)
 
