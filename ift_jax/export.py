@@ -4,7 +4,8 @@ The run is read back by `ift_jax.runs.Run` on the run's configured mesh
 over the local devices (or `mesh`): a checkpoint that does not fit one device
 is still exported. The params are gathered from their shards to the host
 (on every host of a multi-host job, which must all call the export) and
-process 0 writes the files.
+process 0 writes the files, showing progress as it goes (tensors gathered,
+with an ETA, then the file being written; `ift_jax.progress`, on stderr).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Optional
+import sys
+from typing import Any, Optional
 
 import jax
 
 from ift_jax import errors
-from ift_jax import hf, model_setup, peft, runs
+from ift_jax import hf, model_setup, peft, progress, runs
 from ift_jax.models import t5
 
 
@@ -31,6 +33,26 @@ def _read(workdir: str, step: Optional[int], mesh: Optional[dict[str, int]]
     return run.setup, params, step
 
 
+def _gathered(params: Any, desc: str) -> Any:
+    """`runs.host_params`, tensor by tensor, with progress on process 0."""
+    leaves, treedef = jax.tree.flatten(params)
+    tracker = (progress.Progress(len(leaves), desc, "tensor") if jax.process_index() == 0
+               else None)
+    gathered = []
+    for leaf in leaves:
+        gathered.append(runs.host_params(leaf))
+        if tracker:
+            tracker.update()
+    if tracker:
+        tracker.close()
+    return jax.tree.unflatten(treedef, gathered)
+
+
+def _writing(params: Any, output: str) -> None:
+    size = sum(x.size for x in jax.tree.leaves(params)) * 4  # Written as float32.
+    print(f"export: writing {output} ({size / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
+
+
 def export_hf(workdir: str, output: str, step: Optional[int] = None,
               mesh: Optional[dict[str, int]] = None) -> str:
     """Writes the run as an HF directory (merged); returns a summary line."""
@@ -39,8 +61,9 @@ def export_hf(workdir: str, output: str, step: Optional[int] = None,
         raise errors.ConfigError("--format=hf writes a plain T5, and a prompt-tuned run has none: "
                                  "its prompt is an input, not a weight; use ift-jax predict/eval "
                                  "with the run itself")
-    plain = runs.host_params(runs.plain_params(setup, params))
+    plain = _gathered(runs.plain_params(setup, params), "export: gathering")
     if jax.process_index() == 0:
+        _writing(plain, output)
         hf.save_t5(output, setup.t5_config.replace(dtype=t5.T5Config().dtype), plain)
         _copy_vocabulary(setup, output)
     return f"wrote HF model of {workdir} step {step} ({setup.method}) to {output}"
@@ -57,9 +80,10 @@ def export_peft(workdir: str, output: str, step: Optional[int] = None,
                                  f"{setup.method!r} ({advice})")
     cfg = model_setup.lora_config(setup.config.peft, quantize=setup.method == "qlora")
     base = setup.config.init_from or ""
-    adapter = runs.host_params(peft.split_params(params, peft.trainable_mask(
-        params, setup.method))[0])
+    adapter = _gathered(peft.split_params(params, peft.trainable_mask(params, setup.method))[0],
+                        "export: gathering")
     if jax.process_index() == 0:
+        _writing(adapter, output)
         hf.save_peft_adapter(output, setup.t5_config, adapter, cfg, base)
     return f"wrote LoRA adapter of {workdir} step {step} to {output} (base: {base or '?'})"
 
