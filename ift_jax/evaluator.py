@@ -12,7 +12,11 @@ and `predict` on input files.
   not evaluated yet, on the run's configured mesh over this job's devices.
 - `evaluate_model(config, workdir)`: `ift-jax eval --init_from=DIR`, the
   starting model of a config with no training run, written as step 0.
-- `predict_rows(workdir, rows)`: `ift-jax predict`.
+- `predict_rows(workdir, rows)`: `ift-jax predict`; `score_rows(run, rows)`:
+  `ift-jax score`, the log-likelihood of given targets (t5x's score mode).
+
+Long operations show progress with an ETA on process 0 (`ift_jax.progress`, on
+stderr): an evaluation point task by task, predict and score batch by batch.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import ml_collections
@@ -29,9 +34,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ift_jax import errors
-from ift_jax import evaluation, fileio, inference, model_setup, report, runs, suites
+from ift_jax import evaluation, fileio, inference, model_setup, progress, report, runs, suites
 from ift_jax import metrics as metrics_lib
-from ift_jax.data import inspection
+from ift_jax.data import inspection, vocabularies
 from ift_jax.data.vocabularies import TASK_VOCABULARY
 
 _SHOWN = ("rouge1", "rougeL", "accuracy", "rank_accuracy", "exact_match", "bleu", "span_f1",
@@ -103,6 +108,51 @@ def pending_incontext(config: ml_collections.ConfigDict, workdir: str) -> list[i
             if not fileio.exists(os.path.join(workdir, "eval", f"incontext_{int(k)}shot.json"))]
 
 
+def run_inference(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
+                  params: Any, on_batch: Optional[Callable[[int], None]] = None
+                  ) -> inference.Inference:
+    """`model` with `params` on `mesh`, batched as the run's `eval` settings say."""
+    e, d = config.eval, config.data
+    return inference.Inference(
+        model, params, mesh, batch_size=e.batch_size, inputs_length=d.inputs_length,
+        targets_length=d.targets_length, num_beams=e.get("num_beams", 1),
+        length_penalty=e.get("length_penalty", 1.0), num_buckets=e.get("length_buckets", 4),
+        on_batch=on_batch)
+
+
+class TaskProgress:
+    """`evaluation.evaluate`'s per-task callback (called before each task) shown as
+    progress: `eval step 100: 3/12 task (25%), <task done>, elapsed 41s, ETA 2m03s`."""
+
+    def __init__(self, total: int, desc: str, **kwargs):
+        self._progress = progress.Progress(total, desc, "task", **kwargs)
+        self._current: Optional[str] = None
+
+    def __call__(self, name: str) -> None:
+        self._finish()
+        self._current = name
+
+    def _finish(self) -> None:
+        if self._current is not None:
+            self._progress.update(1, note=self._current)
+            self._current = None
+
+    def close(self) -> None:
+        self._finish()
+        self._progress.close()
+
+
+def _task_progress(specs: Sequence[evaluation.EvalSpec], desc: str) -> Optional[TaskProgress]:
+    """Progress over the tasks of `specs` on process 0, when there are several."""
+    total = sum(len(spec.tasks) for spec in specs)
+    return TaskProgress(total, desc) if _is_main() and total > 1 else None
+
+
+def _close(tracker: Optional[TaskProgress | progress.Progress]) -> None:
+    if tracker is not None:
+        tracker.close()
+
+
 class RunEvaluator:
     """Evaluates one run's model at evaluation points on `mesh`."""
 
@@ -114,12 +164,7 @@ class RunEvaluator:
         metrics_lib.set_rouge_sentence_split(config.eval.get("rouge_sentence_split", "pysbd"))
 
     def inference(self, params: Any) -> inference.Inference:
-        e, d = self.config.eval, self.config.data
-        return inference.Inference(
-            self.model, params, self.mesh, batch_size=e.batch_size,
-            inputs_length=d.inputs_length, targets_length=d.targets_length,
-            num_beams=e.get("num_beams", 1), length_penalty=e.get("length_penalty", 1.0),
-            num_buckets=e.get("length_buckets", 4))
+        return run_inference(self.config, self.model, self.mesh, params)
 
     def at_step(self, step: int, params: Any) -> Optional[dict[str, dict[str, float]]]:
         """Evaluation point `step`; at step 0 also the pending in-context baselines,
@@ -135,8 +180,13 @@ class RunEvaluator:
         return self.step(step, params)
 
     def step(self, step: int, params: Any) -> dict[str, dict[str, float]]:
-        result = evaluation.evaluate(self.workdir, step, self.inference(params), self.specs,
-                                     aggregate=aggregate, write_files=_is_main())
+        tracker = _task_progress(self.specs, f"eval step {step}")
+        try:
+            result = evaluation.evaluate(self.workdir, step, self.inference(params), self.specs,
+                                         aggregate=aggregate, write_files=_is_main(),
+                                         progress=tracker)
+        finally:
+            _close(tracker)
         if _is_main():
             self._log(f"eval step {step}", result)
             report.write_tables(self.workdir)
@@ -145,8 +195,14 @@ class RunEvaluator:
         return result.tasks
 
     def incontext(self, shots: int, params: Any) -> dict[str, dict[str, float]]:
-        result = evaluation.evaluate_incontext(self.workdir, shots, self.inference(params),
-                                               self.specs, write_files=_is_main())
+        tracker = _task_progress([s for s in self.specs if not s.suite],
+                                 f"eval {shots}-shot (untuned)")
+        try:
+            result = evaluation.evaluate_incontext(self.workdir, shots, self.inference(params),
+                                                   self.specs, write_files=_is_main(),
+                                                   progress=tracker)
+        finally:
+            _close(tracker)
         if _is_main():
             self._log(f"eval {shots}-shot (untuned)", result)
         return result.tasks
@@ -262,11 +318,12 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str,
         run.close()
 
 
-def read_inputs(path: str) -> list[dict]:
-    """Rows of a JSONL file, each an object with a string `inputs` field.
+def read_inputs(path: str, fields: Sequence[str] = ("inputs",)) -> list[dict]:
+    """Rows of a JSONL file, each an object with a string value for each of `fields`
+    (other keys are kept as they are).
 
     Raises:
-      ValueError: naming the file and line of a row that is not such an object.
+      InputFileError: naming the file and line of a row that is not such an object.
     """
     rows = []
     with fileio.open(path) as f:
@@ -277,14 +334,35 @@ def read_inputs(path: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise errors.InputFileError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("inputs"), str):
-                raise errors.InputFileError(f"{path}:{number}: each line must be an object with "
-                                            f"a string "
-                                 f"'inputs' field, e.g. {{\"inputs\": \"Summarize: ...\"}}")
+            missing = [k for k in fields if not isinstance(row, dict)
+                       or not isinstance(row.get(k), str)]
+            if missing:
+                raise errors.InputFileError(f"{path}:{number}: {_row_format(fields, missing)}")
             rows.append(row)
     if not rows:
-        raise errors.InputFileError(f"{path}: no rows to predict")
+        raise errors.InputFileError(f"{path}: no rows; give one JSON object per line")
     return rows
+
+
+def _row_format(fields: Sequence[str], missing: Sequence[str]) -> str:
+    example = json.dumps({k: ("Summarize: ..." if k == "inputs" else "...") for k in fields})
+    if len(fields) == 1:
+        return f"each line must be an object with a string '{fields[0]}' field, e.g. {example}"
+    names = ", ".join(f"'{k}'" for k in fields)
+    lacking = ", ".join(f"'{k}'" for k in missing)
+    return (f"each line must be an object with string fields {names} (this one lacks "
+            f"{lacking}), e.g. {example}")
+
+
+def _input_tokens(vocab: Any, text: str, length: int) -> tuple[list[int], bool]:
+    """(ids cut to `length` with EOS last, whether the input was cut), as evaluation
+    feeds inputs."""
+    ids = vocab.encode(text)
+    return ids[:length - 1] + [vocab.eos_id], len(ids) > length - 1
+
+
+def _rows_progress(total: int, desc: str) -> Optional[progress.Progress]:
+    return progress.Progress(total, desc, "row") if _is_main() else None
 
 
 def predict_rows(workdir: str, rows: Sequence[dict], step: Optional[int] = None, *,
@@ -297,22 +375,59 @@ def predict_rows(workdir: str, rows: Sequence[dict], step: Optional[int] = None,
     The model runs on the run's configured mesh over this job's devices.
     """
     run = runs.Run.open(workdir, mesh_override=mesh)
+    tracker = None
     try:
         config = run.config
         model_setup.prepare_data(config)
         params, step = run.params(step)
         if num_beams:
             config.eval.num_beams = num_beams
-        model = RunEvaluator(config, run.setup.eval_model, workdir, run.mesh).inference(params)
-        eos = TASK_VOCABULARY.eos_id
-        tokens = [TASK_VOCABULARY.encode(r["inputs"])[:config.data.inputs_length - 1] + [eos]
+        tracker = _rows_progress(len(rows), f"predict step {step}")
+        model = run_inference(config, run.setup.eval_model, run.mesh, params,
+                              tracker.update if tracker else None)
+        tokens = [_input_tokens(TASK_VOCABULARY, r["inputs"], config.data.inputs_length)[0]
                   for r in rows]
         outputs = model.generate(tokens, max_decode_length or config.eval.max_decode_length)
     finally:
+        _close(tracker)
         run.close()
     out = []
     for row, output in zip(rows, outputs):
         text, bad = evaluation.decode_tokens(TASK_VOCABULARY, output)
         out.append({**row, "prediction": text.strip(), **({"invalid_utf8": True} if bad else {})})
     logging.info("predicted %d rows with %s step %d", len(out), workdir, step)
+    return out
+
+
+def score_rows(run: runs.Run, rows: Sequence[dict], step: Optional[int] = None
+               ) -> list[dict]:
+    """`rows` with the log-likelihood of each one's `targets` given its `inputs` under
+    `run`'s model at checkpoint `step` (default: the latest; 0: the starting model,
+    e.g. the `init_from` of `runs.Run.from_config`), teacher-forced as t5x's score mode.
+
+    Each row gains `log_likelihood` (natural log, summed over the target's tokens with
+    EOS), `tokens`, `log_likelihood_per_token`, `perplexity` (exp of minus that),
+    `argmax_hits` (target tokens that are the model's argmax) and, when its input was
+    cut to `data.inputs_length` as evaluation cuts it, `inputs_truncated`. Targets are
+    scored whole. Rows run in length-bucketed batches of `eval.batch_size` on the
+    run's mesh; on a multi-host job every host must call this with the same rows.
+    """
+    config = run.config
+    params, step = run.params(step)
+    vocab = vocabularies.make_vocabulary(model_setup.vocabulary_spec(config))
+    inputs = [_input_tokens(vocab, r["inputs"], config.data.inputs_length) for r in rows]
+    targets = [vocab.encode(r["targets"]) + [vocab.eos_id] for r in rows]
+    tracker = _rows_progress(len(rows), f"score step {step}")
+    try:
+        model = run_inference(config, run.setup.eval_model, run.mesh, params,
+                              tracker.update if tracker else None)
+        scores = model.score([ids for ids, _ in inputs], targets)
+    finally:
+        _close(tracker)
+    out = []
+    for row, (ll, hits, count), (_, cut) in zip(rows, scores, inputs):
+        out.append({**row, "log_likelihood": float(ll), "tokens": int(count),
+                    "log_likelihood_per_token": float(ll / count),
+                    "perplexity": math.exp(-ll / count), "argmax_hits": int(hits),
+                    **({"inputs_truncated": True} if cut else {})})
     return out
