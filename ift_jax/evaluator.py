@@ -21,6 +21,7 @@ stderr): an evaluation point task by task, predict and score batch by batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -122,10 +123,13 @@ def run_inference(config: ml_collections.ConfigDict, model: Any, mesh: jax.shard
 
 class TaskProgress:
     """`evaluation.evaluate`'s per-task callback (called before each task) shown as
-    progress: `eval step 100: 3/12 task (25%), <task done>, elapsed 41s, ETA 2m03s`."""
+    progress over the tasks of `specs`, on process 0 and when there are several:
+    `eval step 100: 3/12 task (25%), <task done>, elapsed 41s, ETA 2m03s`."""
 
-    def __init__(self, total: int, desc: str, **kwargs):
-        self._progress = progress.Progress(total, desc, "task", **kwargs)
+    def __init__(self, specs: Sequence[evaluation.EvalSpec], desc: str, **kwargs):
+        total = sum(len(spec.tasks) for spec in specs)
+        self._progress = (progress.Progress(total, desc, "task", **kwargs)
+                          if _is_main() and total > 1 else None)
         self._current: Optional[str] = None
 
     def __call__(self, name: str) -> None:
@@ -133,24 +137,23 @@ class TaskProgress:
         self._current = name
 
     def _finish(self) -> None:
-        if self._current is not None:
+        if self._current is not None and self._progress is not None:
             self._progress.update(1, note=self._current)
-            self._current = None
+        self._current = None
 
-    def close(self) -> None:
-        self._finish()
-        self._progress.close()
+    def __enter__(self) -> "TaskProgress":
+        return self
+
+    def __exit__(self, error_type, *rest) -> None:
+        if error_type is None:  # A task that raised is not done.
+            self._finish()
+        if self._progress is not None:
+            self._progress.close()
 
 
-def _task_progress(specs: Sequence[evaluation.EvalSpec], desc: str) -> Optional[TaskProgress]:
-    """Progress over the tasks of `specs` on process 0, when there are several."""
-    total = sum(len(spec.tasks) for spec in specs)
-    return TaskProgress(total, desc) if _is_main() and total > 1 else None
-
-
-def _close(tracker: Optional[TaskProgress | progress.Progress]) -> None:
-    if tracker is not None:
-        tracker.close()
+def _rows_progress(total: int, desc: str):
+    """Progress over rows on process 0 (a context manager giving it, or None)."""
+    return progress.Progress(total, desc, "row") if _is_main() else contextlib.nullcontext()
 
 
 class RunEvaluator:
@@ -180,13 +183,10 @@ class RunEvaluator:
         return self.step(step, params)
 
     def step(self, step: int, params: Any) -> dict[str, dict[str, float]]:
-        tracker = _task_progress(self.specs, f"eval step {step}")
-        try:
+        with TaskProgress(self.specs, f"eval step {step}") as tracker:
             result = evaluation.evaluate(self.workdir, step, self.inference(params), self.specs,
                                          aggregate=aggregate, write_files=_is_main(),
                                          progress=tracker)
-        finally:
-            _close(tracker)
         if _is_main():
             self._log(f"eval step {step}", result)
             report.write_tables(self.workdir)
@@ -195,14 +195,11 @@ class RunEvaluator:
         return result.tasks
 
     def incontext(self, shots: int, params: Any) -> dict[str, dict[str, float]]:
-        tracker = _task_progress([s for s in self.specs if not s.suite],
-                                 f"eval {shots}-shot (untuned)")
-        try:
+        with TaskProgress([s for s in self.specs if not s.suite],
+                          f"eval {shots}-shot (untuned)") as tracker:
             result = evaluation.evaluate_incontext(self.workdir, shots, self.inference(params),
                                                    self.specs, write_files=_is_main(),
                                                    progress=tracker)
-        finally:
-            _close(tracker)
         if _is_main():
             self._log(f"eval {shots}-shot (untuned)", result)
         return result.tasks
@@ -361,10 +358,6 @@ def _input_tokens(vocab: Any, text: str, length: int) -> tuple[list[int], bool]:
     return ids[:length - 1] + [vocab.eos_id], len(ids) > length - 1
 
 
-def _rows_progress(total: int, desc: str) -> Optional[progress.Progress]:
-    return progress.Progress(total, desc, "row") if _is_main() else None
-
-
 def predict_rows(workdir: str, rows: Sequence[dict], step: Optional[int] = None, *,
                  num_beams: Optional[int] = None, max_decode_length: Optional[int] = None,
                  mesh: Optional[dict[str, int]] = None) -> list[dict]:
@@ -375,21 +368,19 @@ def predict_rows(workdir: str, rows: Sequence[dict], step: Optional[int] = None,
     The model runs on the run's configured mesh over this job's devices.
     """
     run = runs.Run.open(workdir, mesh_override=mesh)
-    tracker = None
     try:
         config = run.config
         model_setup.prepare_data(config)
         params, step = run.params(step)
         if num_beams:
             config.eval.num_beams = num_beams
-        tracker = _rows_progress(len(rows), f"predict step {step}")
-        model = run_inference(config, run.setup.eval_model, run.mesh, params,
-                              tracker.update if tracker else None)
         tokens = [_input_tokens(TASK_VOCABULARY, r["inputs"], config.data.inputs_length)[0]
                   for r in rows]
-        outputs = model.generate(tokens, max_decode_length or config.eval.max_decode_length)
+        with _rows_progress(len(rows), f"predict step {step}") as tracker:
+            model = run_inference(config, run.setup.eval_model, run.mesh, params,
+                                  tracker.update if tracker else None)
+            outputs = model.generate(tokens, max_decode_length or config.eval.max_decode_length)
     finally:
-        _close(tracker)
         run.close()
     out = []
     for row, output in zip(rows, outputs):
@@ -417,13 +408,10 @@ def score_rows(run: runs.Run, rows: Sequence[dict], step: Optional[int] = None
     vocab = vocabularies.make_vocabulary(model_setup.vocabulary_spec(config))
     inputs = [_input_tokens(vocab, r["inputs"], config.data.inputs_length) for r in rows]
     targets = [vocab.encode(r["targets"]) + [vocab.eos_id] for r in rows]
-    tracker = _rows_progress(len(rows), f"score step {step}")
-    try:
+    with _rows_progress(len(rows), f"score step {step}") as tracker:
         model = run_inference(config, run.setup.eval_model, run.mesh, params,
                               tracker.update if tracker else None)
         scores = model.score([ids for ids, _ in inputs], targets)
-    finally:
-        _close(tracker)
     out = []
     for row, (ll, hits, count), (_, cut) in zip(rows, scores, inputs):
         out.append({**row, "log_likelihood": float(ll), "tokens": int(count),

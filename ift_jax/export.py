@@ -10,6 +10,7 @@ with an ETA, then the file being written; `ift_jax.progress`, on stderr).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -36,15 +37,13 @@ def _read(workdir: str, step: Optional[int], mesh: Optional[dict[str, int]]
 def _gathered(params: Any, desc: str) -> Any:
     """`runs.host_params`, tensor by tensor, with progress on process 0."""
     leaves, treedef = jax.tree.flatten(params)
-    tracker = (progress.Progress(len(leaves), desc, "tensor") if jax.process_index() == 0
-               else None)
     gathered = []
-    for leaf in leaves:
-        gathered.append(runs.host_params(leaf))
-        if tracker:
-            tracker.update()
-    if tracker:
-        tracker.close()
+    with (progress.Progress(len(leaves), desc, "tensor") if jax.process_index() == 0
+          else contextlib.nullcontext()) as tracker:
+        for leaf in leaves:
+            gathered.append(runs.host_params(leaf))
+            if tracker:
+                tracker.update()
     return jax.tree.unflatten(treedef, gathered)
 
 
