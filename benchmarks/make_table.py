@@ -3,10 +3,11 @@
     python benchmarks/make_table.py [--results_dir=benchmarks/results] \
         [--output=benchmarks/README.md]
 
-One row per ours-vs-peer figure (training step, packing, decoding), with the
-device, preset, method, both figures, the ratio ours/peer, MFU and peak
-memory where the benchmark measures them, and the date; notes below the
-table give each run's peak matmul rate, loss checks and load.
+One row per ours-vs-peer figure (training step, packing, decoding, evaluation,
+start-up), with the device, preset, method, both figures, the ratio
+ours/peer, MFU and peak memory where the benchmark measures them, and the
+date; notes below the table give each run's peak matmul rate, loss checks,
+agreement of the two sides and load.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ fine-tuning, ~4·N for LoRA and prompt tuning, whose frozen weights get no
 gradient (6·N of the plain model is in the JSON as `mfu_6n`). Peak memory:
 device peak on GPU; on CPU the process's peak RSS over the timed steps
 (each side in its own process; the warm-up's peak, with our compilation, is
-in the JSON). Details and per-step numbers are in the JSON files.
+in the JSON). Evaluation: MMLU rank classification and BBH answer-only
+generation as `ift-jax eval` runs them (`inference.Inference`) vs the loop a
+transformers user writes, on the same random weights and token ids, both
+sides checked to agree (`eval_throughput.py`). Details and per-step numbers
+are in the JSON files.
 """
 
 
@@ -194,8 +199,39 @@ def startup_rows(record: dict) -> list[str]:
     return rows
 
 
+def eval_rows(record: dict) -> list[str]:
+    """MMLU rank classification (examples/s) and BBH answer-only generation (new tokens/s),
+    ours vs the HF loop on the same weights and prompts."""
+    mmlu, bbh = record["mmlu_rank_classification"], record["bbh_direct_generation"]
+    length = record["max_input_length"]
+    return [
+        _row("eval: MMLU rank classification, examples/s (vs HF loop)", _device(record),
+             record["preset"], f"b={mmlu['batch']}, {mmlu['examples']} questions, "
+                               f"{mmlu['shots']}-shot, ≤{length} in",
+             _rate(mmlu["ours"]["examples_per_s"]), _rate(mmlu["hf_loop"]["examples_per_s"]),
+             f"{mmlu['ratio_examples_per_s']:.2f}", "—", "—", _date(record)),
+        _row("eval: BBH answer-only greedy, new tokens/s (vs HF generate)", _device(record),
+             record["preset"], f"b={bbh['batch']}, {bbh['examples']} prompts, ≤{length} in, "
+                               f"≤{bbh['new_tokens_max']} new",
+             _rate(bbh["ours"]["tokens_per_s"]), _rate(bbh["hf_generate"]["tokens_per_s"]),
+             f"{bbh['ratio_tokens_per_s']:.2f}", "—", "—", _date(record)),
+    ]
+
+
+def _eval_agreement(record: dict) -> list[str]:
+    mmlu = record.get("mmlu_rank_classification", {}).get("agreement")
+    bbh = record.get("bbh_direct_generation", {}).get("agreement")
+    if not mmlu or not bbh:
+        return []
+    questions = record["mmlu_rank_classification"]["examples"]
+    return [f"same argmax letter on {mmlu['same_argmax_letter']}/{questions} MMLU questions, "
+            f"letter log-likelihoods within {mmlu['max_relative_difference']:.1e} relative; "
+            f"same generated tokens on {bbh['same_tokens']}/{bbh['rows']} BBH prompts",
+            record["precision"]]
+
+
 ROWS = {"train_throughput": train_rows, "packing": packing_rows, "decoding": decoding_rows,
-        "startup": startup_rows}
+        "startup": startup_rows, "eval_throughput": eval_rows}
 
 
 def notes(name: str, record: dict) -> list[str]:
@@ -218,6 +254,7 @@ def notes(name: str, record: dict) -> list[str]:
                  if "max_relative_difference_all_steps" in c]
         if later:
             parts.append(f"over all steps {max(later):.1e}")
+    parts += _eval_agreement(record)
     if "token_counts" in record:
         c = record["token_counts"]
         parts.append(f"useful share of batch slots: packed {c['packed']['useful_share']:.2f}, "
@@ -244,7 +281,8 @@ def notes(name: str, record: dict) -> list[str]:
     return [f"- `{name}`: " + "; ".join(parts)] if parts else []
 
 
-ORDER = ("train_throughput", "packing", "decoding", "startup", "before_after", "suite")
+ORDER = ("train_throughput", "packing", "decoding", "eval_throughput", "startup",
+         "before_after", "suite")
 PRESET_ORDER = ("tiny", "small", "base", "large", "xl", "xxl")
 
 

@@ -1,13 +1,13 @@
-"""The benchmark suite in one command: training throughput, packing, decoding, start-up
-time, the table.
+"""The benchmark suite in one command: training throughput, packing, decoding, evaluation
+throughput, start-up time, the table.
 
     python benchmarks/run_all.py               # T5 1.1 small, base, large; ~30 min on 2 CPU cores
     python benchmarks/run_all.py --presets=small --steps=3 --dry_run
 
-Runs `train_throughput.py`, `packing.py`, `decoding.py` and `startup.py` one after the
-other (each measures ours and its peer in the same run), writes their JSON to
-`--output_dir`, a `suite_<platform>.json` with what ran, how, and how long
-each part took, then regenerates `benchmarks/README.md`
+Runs `train_throughput.py`, `packing.py`, `decoding.py`, `eval_throughput.py` and
+`startup.py` one after the other (each measures ours and its peer in the same
+run), writes their JSON to `--output_dir`, a `suite_<platform>.json` with what
+ran, how, and how long each part took, then regenerates `benchmarks/README.md`
 with `make_table.py`.
 
 On a CPU the training batch is the one that makes a step take ~1-15 s (batch
@@ -62,6 +62,8 @@ def commands(args) -> dict[str, list[str]]:
         "packing": [py, os.path.join(HERE, "packing.py"), *packing, *steps, *common],
         "decoding": [py, os.path.join(HERE, "decoding.py"), f"--preset={args.decoding_preset}",
                      f"--repeats={args.decoding_repeats}", *common],
+        "eval_throughput": [py, os.path.join(HERE, "eval_throughput.py"),
+                            f"--preset={args.eval_preset}", *common],
         "startup": [py, os.path.join(HERE, "startup.py"), f"--preset={args.decoding_preset}",
                     *common],
     }
@@ -74,16 +76,20 @@ def main(argv=None) -> int:
     parser.add_argument("--packing_preset", default="small")
     parser.add_argument("--decoding_preset", default="small")
     parser.add_argument("--decoding_repeats", type=int, default=3)
+    parser.add_argument("--eval_preset", default="small",
+                        help="eval_throughput.py preset: tiny, small, base")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--only", default="train_throughput,packing,decoding,startup")
+    parser.add_argument("--only",
+                        default="train_throughput,packing,decoding,eval_throughput,startup")
     parser.add_argument("--lanes", type=int, default=1,
                         help="training workers at a time (see train_throughput.py)")
     parser.add_argument("--deadline_s", type=float, default=0.0,
                         help="a time limit for the suite (0: none): the training part stops "
                              "starting workers at deadline_s - reserve_s")
     parser.add_argument("--reserve_s", type=float, default=150.0,
-                        help="seconds kept for packing and decoding under --deadline_s")
+                        help="seconds kept for packing, decoding and evaluation under "
+                             "--deadline_s")
     parser.add_argument("--packing_batches", default="",
                         help="a `packing.py --save_batches` folder (hosts without seqio)")
     parser.add_argument("--wait_for_idle_s", type=float, default=0.0,

@@ -9,7 +9,9 @@
 #    if it fails, stop at once rather than spend the time limit on failures;
 # 2. `run_all.py` with two training workers at a time (set-up overlaps, device
 #    work is serialized by a lock) and a deadline, so the run ends inside
-#    TIME_LIMIT_S with every finished figure written to OUT_DIR as it comes;
+#    TIME_LIMIT_S with every finished figure written to OUT_DIR as it comes
+#    (training stops starting workers 240 s early: packing, decoding and
+#    eval_throughput.py, which reads ../shared/data or $IFT_JAX_DATA_DIR, run then);
 # 3. if .before/ift_jax holds an earlier version of the package, decoding once
 #    more with it (`--tag=before`): before/after on the same device, same call.
 set -u
@@ -49,7 +51,7 @@ before=0
 [ -d .before/ift_jax ] && before=70  # Seconds kept for the decoding re-run.
 left=$(( limit - $(elapsed) - before ))
 python3 benchmarks/run_all.py --output_dir="$out" --readme= --lanes=2 --warmup=3 \
-  --steps=10 --deadline_s="$left" --reserve_s=140 \
+  --steps=10 --deadline_s="$left" --reserve_s=240 \
   --packing_batches=.bench_data/packing 2>&1 | grep -v "^[IW]0000"
 echo "suite done at $(elapsed) s"
 

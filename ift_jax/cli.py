@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -148,16 +149,24 @@ def _eval(args: argparse.Namespace) -> int:
     return 0 if not outcome.unreadable else 1
 
 
+def _init_from_config(init_from: str, vocab: Optional[str], config_path: Optional[str] = None):
+    """A config for a model with no training run: `config_path` (default: the embedded
+    default) with `init_from`, its vocabulary and no training mixture."""
+    from ift_jax import config_files
+    config = config_files.load(config_path or default_config_path())
+    config.init_from = init_from
+    config.data.vocab = vocab or _vocab_of(init_from)
+    config.data.mixture = ""
+    return config
+
+
 def _eval_only_config(args: argparse.Namespace):
-    """The config of `ift-jax eval --init_from=DIR`: `--config` (default: the embedded
-    default) with `init_from`, the benchmark suites or tasks, and no training mixture."""
-    from ift_jax import config_files, suites
+    """The config of `ift-jax eval --init_from=DIR`: `_init_from_config` of `--config`
+    with the benchmark suites or tasks."""
+    from ift_jax import suites
     for suite in suites.parse(args.suites or ""):  # Unknown names and missing data first.
         suites.check_data(suite)
-    config = config_files.load(args.config or default_config_path())
-    config.init_from = args.init_from
-    config.data.vocab = args.vocab or _vocab_of(args.init_from)
-    config.data.mixture = ""
+    config = _init_from_config(args.init_from, args.vocab, args.config)
     config.eval.tasks = args.tasks or ""
     config.eval.suites = args.suites or ""
     if args.incontext:
@@ -174,7 +183,6 @@ def _vocab_of(init_from: str) -> str:
         return ""  # model_setup.vocabulary_spec finds it.
     saved = os.path.join(init_from, "config.json")
     if os.path.isdir(os.path.join(init_from, "checkpoints")) and os.path.exists(saved):
-        import json
         with open(saved) as f:
             return json.load(f).get("data", {}).get("vocab") or ""
     raise errors.ConfigError(f"--init_from={init_from} has no spiece.model; pass --vocab=byte "
@@ -224,20 +232,89 @@ def _report(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     _quiet_logging()
-    import json
     from ift_jax import distributed, evaluator
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
     rows = evaluator.predict_rows(args.workdir, evaluator.read_inputs(args.input), args.step,
                                   num_beams=args.num_beams,
                                   max_decode_length=args.max_decode_length, mesh=_mesh(args))
-    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        print(f"wrote {len(rows)} predictions to {args.output}")
-    else:
-        sys.stdout.writelines(lines)
+    _write_rows(rows, args.output, "predictions")
     return 0
+
+
+def _write_rows(rows: Sequence[dict], output: Optional[str], what: str, note: str = "") -> None:
+    """JSONL rows to `output` (saying so: `wrote N <what> to ...<note>`), or to stdout."""
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    if not output:
+        sys.stdout.writelines(lines)
+        return
+    with open(output, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    print(f"wrote {len(rows)} {what} to {output}{note}")
+
+
+def _score_run(args: argparse.Namespace):
+    """(the run to score, its step): `--workdir`'s checkpoint or `--init_from`'s model."""
+    from ift_jax import runs
+    if bool(args.workdir) == bool(args.init_from):
+        raise errors.ConfigError("give one of --workdir=RUN (its checkpoints) or --init_from="
+                                 "DIR (an HF T5 directory, t5x checkpoint or ift_jax workdir)")
+    if args.workdir and args.vocab or args.init_from and args.step is not None:
+        raise errors.ConfigError("--step goes with --workdir (a run's checkpoint), --vocab with "
+                                 "--init_from (a run scores with its own data.vocab)")
+    mesh = _mesh(args)
+    if args.workdir:
+        return runs.Run.open(args.workdir, mesh_override=mesh), args.step
+    config = _init_from_config(args.init_from, args.vocab)
+    return runs.Run.from_config(
+        config, None, runs.run_mesh(config.get("mesh"), mesh) if mesh else None), 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    _quiet_logging()
+    import jax
+    from ift_jax import distributed, evaluator
+    distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
+    rows = evaluator.read_inputs(args.input, ("inputs", "targets"))
+    run, step = _score_run(args)
+    try:
+        if args.inputs_length:
+            run.config.data.inputs_length = args.inputs_length
+        scored = evaluator.score_rows(run, rows, step)
+    finally:
+        run.close()
+    if jax.process_index() != 0:
+        return 0
+    per_token = sum(r["log_likelihood"] for r in scored) / sum(r["tokens"] for r in scored)
+    _write_rows(scored, args.output, "scores",
+                f"; log-likelihood per target token over all rows {per_token:.4f}")
+    return 0
+
+
+def _add_score_parser(sub) -> None:
+    parser = sub.add_parser(
+        "score", help="log-likelihood of given targets for given inputs (t5x's score mode)",
+        description="For each line {\"inputs\": ..., \"targets\": ...} of a JSONL file, "
+        "the log-likelihood of the targets given the inputs (sum over the target tokens "
+        "with EOS, per token, perplexity, argmax hits), in length-bucketed batches on the "
+        "model's mesh.")
+    parser.add_argument("--workdir", default=None, help="a run: score its checkpoint")
+    parser.add_argument("--init_from", default=None, metavar="DIR",
+                        help="or a model with no run: an HF T5 directory, t5x checkpoint "
+                             "or ift_jax workdir")
+    parser.add_argument("--input", required=True,
+                        help='JSONL, one {"inputs": "...", "targets": "..."} per line')
+    parser.add_argument("--output", help="JSONL with the scores added (default: stdout)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="with --workdir: default the latest checkpoint; 0 = the "
+                             "starting model")
+    parser.add_argument("--mesh", default=None, metavar="D,F,T",
+                        help="mesh data,fsdp,tensor sizes (default: the run's mesh)")
+    parser.add_argument("--vocab", default=None,
+                        help="with --init_from: vocabulary (default: its spiece.model)")
+    parser.add_argument("--inputs_length", type=int, default=None,
+                        help="inputs are cut to this many tokens (default: data."
+                             "inputs_length of the run, or of configs/default.py)")
+    parser.set_defaults(run=_score)
 
 
 def _add_report_and_predict_parsers(sub) -> None:
@@ -385,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_eval_parser(sub)
     _add_report_and_predict_parsers(sub)
+    _add_score_parser(sub)
     return parser
 
 

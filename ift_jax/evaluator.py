@@ -12,14 +12,20 @@ and `predict` on input files.
   not evaluated yet, on the run's configured mesh over this job's devices.
 - `evaluate_model(config, workdir)`: `ift-jax eval --init_from=DIR`, the
   starting model of a config with no training run, written as step 0.
-- `predict_rows(workdir, rows)`: `ift-jax predict`.
+- `predict_rows(workdir, rows)`: `ift-jax predict`; `score_rows(run, rows)`:
+  `ift-jax score`, the log-likelihood of given targets (t5x's score mode).
+
+Long operations show progress with an ETA on process 0 (`ift_jax.progress`, on
+stderr): an evaluation point task by task, predict and score batch by batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,9 +33,10 @@ import jax
 import ml_collections
 
 from ift_jax import errors
-from ift_jax import distributed, evaluation, fileio, inference, model_setup, report, runs, suites
+from ift_jax import (distributed, evaluation, fileio, inference, model_setup, progress, report,
+                     runs, suites)
 from ift_jax import metrics as metrics_lib
-from ift_jax.data import inspection
+from ift_jax.data import inspection, vocabularies
 from ift_jax.data.vocabularies import TASK_VOCABULARY
 
 _SHOWN = ("rouge1", "rougeL", "accuracy", "rank_accuracy", "exact_match", "bleu", "span_f1",
@@ -94,6 +101,53 @@ def pending_incontext(config: ml_collections.ConfigDict, workdir: str) -> list[i
             if not fileio.exists(os.path.join(workdir, "eval", f"incontext_{int(k)}shot.json"))]
 
 
+def run_inference(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
+                  params: Any, on_batch: Optional[Callable[[int], None]] = None,
+                  should_stop: Optional[Callable[[], bool]] = None) -> inference.Inference:
+    """`model` with `params` on `mesh`, batched as the run's `eval` settings say."""
+    e, d = config.eval, config.data
+    return inference.Inference(
+        model, params, mesh, batch_size=e.batch_size, inputs_length=d.inputs_length,
+        targets_length=d.targets_length, num_beams=e.get("num_beams", 1),
+        length_penalty=e.get("length_penalty", 1.0), num_buckets=e.get("length_buckets", 4),
+        should_stop=should_stop, on_batch=on_batch)
+
+
+class TaskProgress:
+    """`evaluation.evaluate`'s per-task callback (called before each task) shown as
+    progress over the tasks of `specs`, on process 0 and when there are several:
+    `eval step 100: 3/12 task (25%), <task done>, elapsed 41s, ETA 2m03s`."""
+
+    def __init__(self, specs: Sequence[evaluation.EvalSpec], desc: str, **kwargs):
+        total = sum(len(spec.tasks) for spec in specs)
+        self._progress = (progress.Progress(total, desc, "task", **kwargs)
+                          if _is_main() and total > 1 else None)
+        self._current: Optional[str] = None
+
+    def __call__(self, name: str) -> None:
+        self._finish()
+        self._current = name
+
+    def _finish(self) -> None:
+        if self._current is not None and self._progress is not None:
+            self._progress.update(1, note=self._current)
+        self._current = None
+
+    def __enter__(self) -> "TaskProgress":
+        return self
+
+    def __exit__(self, error_type, *rest) -> None:
+        if error_type is None:  # A task that raised is not done.
+            self._finish()
+        if self._progress is not None:
+            self._progress.close()
+
+
+def _rows_progress(total: int, desc: str):
+    """Progress over rows on process 0 (a context manager giving it, or None)."""
+    return progress.Progress(total, desc, "row") if _is_main() else contextlib.nullcontext()
+
+
 class RunEvaluator:
     """Evaluates one run's model at evaluation points on `mesh`.
 
@@ -111,13 +165,8 @@ class RunEvaluator:
         metrics_lib.set_rouge_sentence_split(config.eval.get("rouge_sentence_split", "pysbd"))
 
     def inference(self, params: Any) -> inference.Inference:
-        e, d = self.config.eval, self.config.data
-        return inference.Inference(
-            self.model, params, self.mesh, batch_size=e.batch_size,
-            inputs_length=d.inputs_length, targets_length=d.targets_length,
-            num_beams=e.get("num_beams", 1), length_penalty=e.get("length_penalty", 1.0),
-            num_buckets=e.get("length_buckets", 4),
-            should_stop=self._stop_requested if self.should_stop else None)
+        return run_inference(self.config, self.model, self.mesh, params,
+                             should_stop=self._stop_requested if self.should_stop else None)
 
     def _stop_requested(self) -> bool:
         return distributed.any_process(self.should_stop())
@@ -140,8 +189,10 @@ class RunEvaluator:
         return self.step(step, params)
 
     def step(self, step: int, params: Any) -> dict[str, dict[str, float]]:
-        result = evaluation.evaluate(self.workdir, step, self.inference(params), self.specs,
-                                     aggregate=aggregate, write_files=_is_main())
+        with TaskProgress(self.specs, f"eval step {step}") as tracker:
+            result = evaluation.evaluate(self.workdir, step, self.inference(params), self.specs,
+                                         aggregate=aggregate, write_files=_is_main(),
+                                         progress=tracker)
         if _is_main():
             self._log(f"eval step {step}", result)
             report.write_tables(self.workdir)
@@ -150,8 +201,11 @@ class RunEvaluator:
         return result.tasks
 
     def incontext(self, shots: int, params: Any) -> dict[str, dict[str, float]]:
-        result = evaluation.evaluate_incontext(self.workdir, shots, self.inference(params),
-                                               self.specs, write_files=_is_main())
+        with TaskProgress([s for s in self.specs if not s.suite],
+                          f"eval {shots}-shot (untuned)") as tracker:
+            result = evaluation.evaluate_incontext(self.workdir, shots, self.inference(params),
+                                                   self.specs, write_files=_is_main(),
+                                                   progress=tracker)
         if _is_main():
             self._log(f"eval {shots}-shot (untuned)", result)
         return result.tasks
@@ -278,11 +332,12 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str,
         run.close()
 
 
-def read_inputs(path: str) -> list[dict]:
-    """Rows of a JSONL file, each an object with a string `inputs` field.
+def read_inputs(path: str, fields: Sequence[str] = ("inputs",)) -> list[dict]:
+    """Rows of a JSONL file, each an object with a string value for each of `fields`
+    (other keys are kept as they are).
 
     Raises:
-      ValueError: naming the file and line of a row that is not such an object.
+      InputFileError: naming the file and line of a row that is not such an object.
     """
     rows = []
     with fileio.open(path) as f:
@@ -293,14 +348,31 @@ def read_inputs(path: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise errors.InputFileError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("inputs"), str):
-                raise errors.InputFileError(f"{path}:{number}: each line must be an object with "
-                                            f"a string "
-                                 f"'inputs' field, e.g. {{\"inputs\": \"Summarize: ...\"}}")
+            missing = [k for k in fields if not isinstance(row, dict)
+                       or not isinstance(row.get(k), str)]
+            if missing:
+                raise errors.InputFileError(f"{path}:{number}: {_row_format(fields, missing)}")
             rows.append(row)
     if not rows:
-        raise errors.InputFileError(f"{path}: no rows to predict")
+        raise errors.InputFileError(f"{path}: no rows; give one JSON object per line")
     return rows
+
+
+def _row_format(fields: Sequence[str], missing: Sequence[str]) -> str:
+    example = json.dumps({k: ("Summarize: ..." if k == "inputs" else "...") for k in fields})
+    if len(fields) == 1:
+        return f"each line must be an object with a string '{fields[0]}' field, e.g. {example}"
+    names = ", ".join(f"'{k}'" for k in fields)
+    lacking = ", ".join(f"'{k}'" for k in missing)
+    return (f"each line must be an object with string fields {names} (this one lacks "
+            f"{lacking}), e.g. {example}")
+
+
+def _input_tokens(vocab: Any, text: str, length: int) -> tuple[list[int], bool]:
+    """(ids cut to `length` with EOS last, whether the input was cut), as evaluation
+    feeds inputs."""
+    ids = vocab.encode(text)
+    return ids[:length - 1] + [vocab.eos_id], len(ids) > length - 1
 
 
 def predict_rows(workdir: str, rows: Sequence[dict], step: Optional[int] = None, *,
@@ -319,11 +391,12 @@ def predict_rows(workdir: str, rows: Sequence[dict], step: Optional[int] = None,
         params, step = run.params(step)
         if num_beams:
             config.eval.num_beams = num_beams
-        model = RunEvaluator(config, run.setup.eval_model, workdir, run.mesh).inference(params)
-        eos = TASK_VOCABULARY.eos_id
-        tokens = [TASK_VOCABULARY.encode(r["inputs"])[:config.data.inputs_length - 1] + [eos]
+        tokens = [_input_tokens(TASK_VOCABULARY, r["inputs"], config.data.inputs_length)[0]
                   for r in rows]
-        outputs = model.generate(tokens, max_decode_length or config.eval.max_decode_length)
+        with _rows_progress(len(rows), f"predict step {step}") as tracker:
+            model = run_inference(config, run.setup.eval_model, run.mesh, params,
+                                  tracker.update if tracker else None)
+            outputs = model.generate(tokens, max_decode_length or config.eval.max_decode_length)
     finally:
         run.close()
     out = []
@@ -331,4 +404,35 @@ def predict_rows(workdir: str, rows: Sequence[dict], step: Optional[int] = None,
         text, bad = evaluation.decode_tokens(TASK_VOCABULARY, output)
         out.append({**row, "prediction": text.strip(), **({"invalid_utf8": True} if bad else {})})
     logging.info("predicted %d rows with %s step %d", len(out), workdir, step)
+    return out
+
+
+def score_rows(run: runs.Run, rows: Sequence[dict], step: Optional[int] = None
+               ) -> list[dict]:
+    """`rows` with the log-likelihood of each one's `targets` given its `inputs` under
+    `run`'s model at checkpoint `step` (default: the latest; 0: the starting model,
+    e.g. the `init_from` of `runs.Run.from_config`), teacher-forced as t5x's score mode.
+
+    Each row gains `log_likelihood` (natural log, summed over the target's tokens with
+    EOS), `tokens`, `log_likelihood_per_token`, `perplexity` (exp of minus that),
+    `argmax_hits` (target tokens that are the model's argmax) and, when its input was
+    cut to `data.inputs_length` as evaluation cuts it, `inputs_truncated`. Targets are
+    scored whole. Rows run in length-bucketed batches of `eval.batch_size` on the
+    run's mesh; on a multi-host job every host must call this with the same rows.
+    """
+    config = run.config
+    params, step = run.params(step)
+    vocab = vocabularies.make_vocabulary(model_setup.vocabulary_spec(config))
+    inputs = [_input_tokens(vocab, r["inputs"], config.data.inputs_length) for r in rows]
+    targets = [vocab.encode(r["targets"]) + [vocab.eos_id] for r in rows]
+    with _rows_progress(len(rows), f"score step {step}") as tracker:
+        model = run_inference(config, run.setup.eval_model, run.mesh, params,
+                              tracker.update if tracker else None)
+        scores = model.score([ids for ids, _ in inputs], targets)
+    out = []
+    for row, (ll, hits, count), (_, cut) in zip(rows, scores, inputs):
+        out.append({**row, "log_likelihood": float(ll), "tokens": int(count),
+                    "log_likelihood_per_token": float(ll / count),
+                    "perplexity": math.exp(-ll / count), "argmax_hits": int(hits),
+                    **({"inputs_truncated": True} if cut else {})})
     return out

@@ -76,12 +76,15 @@ class Inference:
         buckets are fractions of these (or of the longest row, if longer).
       num_buckets: how many padded lengths each of inputs and targets may take.
       should_stop: asked before every batch; true raises `Cancelled`.
+      on_batch: called with the number of rows of each batch once it is done
+        (progress over many rows).
     """
 
     def __init__(self, model: Any, params: Any, mesh: jax.sharding.Mesh, *, batch_size: int,
                  inputs_length: int, targets_length: int, num_beams: int = 1,
                  length_penalty: float = 1.0, num_buckets: int = 4,
-                 should_stop: Optional[Callable[[], bool]] = None):
+                 should_stop: Optional[Callable[[], bool]] = None,
+                 on_batch: Optional[Callable[[int], None]] = None):
         self.model, self.params, self.mesh = model, params, mesh
         self.should_stop = should_stop
         self.sharding = partitioning.batch_sharding(mesh)
@@ -90,6 +93,7 @@ class Inference:
         self.inputs_length, self.targets_length = inputs_length, targets_length
         self.num_buckets = num_buckets
         self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.on_batch = on_batch
         self._rows = _process_rows(self.sharding, self.batch_size)
 
     # ------------------------------------------------------------------
@@ -107,7 +111,10 @@ class Inference:
             for start in range(0, len(members), self.batch_size):
                 if self.should_stop is not None and self.should_stop():
                     raise Cancelled("stop requested")
-                yield members[start:start + self.batch_size], length
+                batch = members[start:start + self.batch_size]
+                yield batch, length
+                if self.on_batch:  # Resumed for the next batch: this one is done.
+                    self.on_batch(len(batch))
 
     def _input_buckets(self, longest: int) -> list[int]:
         """Buckets up to `inputs_length`, or up to the longest row when rows are longer

@@ -26,8 +26,9 @@ HF_CASES = {
 UNTIED = ("v1_1", "uneven")
 
 
-def make_hf_checkpoint(case: str, out_dir: str, seed: int = 0):
-    """Writes a random HF T5 checkpoint.
+def make_hf_checkpoint(case: str, out_dir: str, seed: int = 0, **overrides):
+    """Writes a random HF T5 checkpoint of `HF_CASES[case]` with `overrides` (e.g.
+    `vocab_size=384`, room for the byte vocabulary).
 
     Returns:
       `(built, reloaded)` torch models in eval mode: as constructed, and as
@@ -42,7 +43,8 @@ def make_hf_checkpoint(case: str, out_dir: str, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**HF_CASES[case]))
+    model = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(**{**HF_CASES[case], **overrides}))
     _randomize_norms(model, seed)
     model.eval()
     model.save_pretrained(out_dir)

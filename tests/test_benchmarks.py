@@ -218,3 +218,34 @@ def test_device_lock_is_exclusive(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert overlaps == [1, 1, 1]
+
+
+def test_eval_throughput_prompts_are_the_registered_tasks_texts():
+    sys.path.insert(0, BENCHMARKS)
+    import eval_throughput
+    import ift_jax.tasks  # noqa: F401  (registers the suites' tasks)
+    from ift_jax.data import inspection
+    from ift_jax.suites import BBH_TASKS, MMLU_SUBJECTS
+    for shots in (0, 5):
+        # Round-robin: the second prompt is the first question of the second subject.
+        prompt, _ = eval_throughput.mmlu_examples(2, shots)[1]
+        task = f"mmlu_{shots}shot_{MMLU_SUBJECTS[1]}"
+        assert prompt == inspection.preview(task, "test", 1)[0]["inputs"], task
+    prompt = eval_throughput.bbh_examples(len(BBH_TASKS) + 1)[-1]  # Second example of task 0.
+    assert prompt == inspection.preview(f"bbh_direct_{BBH_TASKS[0]}", "test", 2)[1]["inputs"]
+
+
+def test_eval_throughput_measures_both_sides_on_tiny_and_they_agree(results_dir, tmp_path):
+    run_script("eval_throughput.py", "--preset=tiny", f"--output_dir={results_dir}")
+    record = read(os.path.join(results_dir, "eval_throughput_tiny_cpu.json"))
+    mmlu, bbh = record["mmlu_rank_classification"], record["bbh_direct_generation"]
+    assert mmlu["agreement"]["same_argmax_letter"] == mmlu["examples"] == 8
+    assert mmlu["agreement"]["within_tolerance"], mmlu["agreement"]
+    assert bbh["agreement"]["same_tokens"] == bbh["examples"] == 4
+    assert bbh["generated_tokens"] > 0
+    assert mmlu["ours"]["examples_per_s"] > 0 and mmlu["hf_loop"]["examples_per_s"] > 0
+    assert bbh["ours"]["tokens_per_s"] > 0 and bbh["hf_generate"]["tokens_per_s"] > 0
+    readme = tmp_path / "README.md"
+    run_script("make_table.py", f"--results_dir={results_dir}", f"--output={readme}")
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| eval: ")]
+    assert len(rows) == 2 and all("| tiny |" in r for r in rows)

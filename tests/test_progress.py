@@ -52,3 +52,28 @@ def test_track_counts_items_as_their_loop_body_finishes():
 def test_format_seconds():
     assert [progress.format_seconds(s) for s in (0, 9.4, 75, 3725)] == [
         "0s", "9s", "1m15s", "1h02m05s"]
+
+
+def test_a_multi_task_evaluation_point_prints_task_progress_with_an_eta(tmp_path, monkeypatch,
+                                                                        capsys):
+    import numpy as np
+    import ift_jax.tasks  # noqa: F401  (registers the tasks)
+    from ift_jax import evaluator
+    from ift_jax.data.vocabularies import TASK_VOCABULARY
+    from test_train import tiny_config
+
+    def constant(batch):  # Any model will do: the point is the progress around it.
+        text = TASK_VOCABULARY.encode("negative") + [1]
+        return np.tile(np.asarray(text, np.int32), (batch.shape[0], 1))
+
+    monkeypatch.setattr(evaluator, "run_inference", lambda *args, **kwargs: constant)
+    config = tiny_config()
+    config.eval.tasks = "synthetic_sentiment,synthetic_support_summary,synthetic_extraction"
+    config.eval.max_examples = 2
+    evaluator.RunEvaluator(config, None, str(tmp_path), None).step(5, None)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("eval step 5: ")]
+    assert lines[0].startswith("eval step 5: 1/3 task (33%), synthetic_sentiment, elapsed ")
+    assert ", ETA " in lines[0]
+    assert lines[-1].startswith("eval step 5: 3/3 task (100%), synthetic_extraction, elapsed ")
+    assert "3/3 task" not in captured.out  # Progress goes to stderr, results to stdout.
