@@ -54,6 +54,21 @@ def get_config(arg=None):
     c.train.log_every = 20
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
+    # Stop when an evaluated metric stops improving (ift_jax.best): "<task>/<metric>" or
+    # "<suite>/<aggregate>" (e.g. "mmlu_5shot/score"); empty = train all steps. The run
+    # ends checkpointed, with summary.json saying why.
+    c.train.early_stopping = ml_collections.ConfigDict()
+    c.train.early_stopping.metric = ""
+    c.train.early_stopping.patience = 3  # Evaluations without an improvement.
+    c.train.early_stopping.min_delta = 0.0  # Smaller changes are no improvement.
+    c.train.early_stopping.mode = "auto"  # max | min | auto (min for loss-like metrics).
+
+    # Besides the last train.keep_checkpoints: keep the checkpoint of the best evaluation
+    # by "<task>/<metric>" (or "<suite>/<aggregate>"); WORKDIR/best_checkpoint.json names
+    # it. Empty = only the last ones.
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep_best = ""
+    c.checkpoint.keep_best_mode = "auto"  # max | min | auto (min for loss-like metrics).
 
     # Evaluation: decoding + the tasks' metrics, teacher-forced validation loss, rank
     # classification over answer choices; written to eval/step_<N>.json and

@@ -28,7 +28,7 @@ MODES = ("auto", "max", "min")
 LOWER_IS_BETTER = ("loss", "calibration_ece", "perplexity", "invalid_utf8_predictions")
 
 
-def _parse(spec: str, key: str) -> tuple[str, str]:
+def parse(spec: str, key: str) -> tuple[str, str]:
     source, _, metric = spec.rpartition("/")
     if not source or not metric:
         raise errors.ConfigError(f"{key}={spec!r}: give <task>/<metric> (e.g. "
@@ -67,7 +67,7 @@ class Tracker:
         """A tracker for `"<task>/<metric>"`, or None for an empty spec."""
         if not spec:
             return None
-        source, metric = _parse(spec, key)
+        source, metric = parse(spec, key)
         if min_delta < 0:
             raise errors.ConfigError(f"train.early_stopping.min_delta={min_delta}: must be "
                                      f">= 0")
@@ -173,3 +173,42 @@ class EarlyStopping:
         t = self.tracker
         return (f"early stopping: {t.name} did not improve by more than {t.min_delta} for "
                 f"{t.since_best} evaluations (best {t.best_value:.6g} at step {t.best_step})")
+
+
+@dataclasses.dataclass
+class Follower:
+    """What a training run does with its evaluation points: the best checkpoint to
+    keep (`checkpoint.keep_best`) and the early stop (`train.early_stopping`).
+
+    Both trackers are replayed from the workdir's eval files up to the step the
+    run starts from, so a resumed run goes on where it was."""
+
+    keep: Optional[Tracker]
+    early: Optional[EarlyStopping]
+
+    @classmethod
+    def from_config(cls, config, workdir: str, start: int) -> Optional["Follower"]:
+        """None when neither is configured."""
+        checkpoint = config.get("checkpoint") or {}
+        keep = Tracker.from_spec(checkpoint.get("keep_best", ""),
+                                 checkpoint.get("keep_best_mode", "auto"))
+        early = EarlyStopping.from_config(config.train.get("early_stopping"))
+        if keep is None and early is None:
+            return None
+        for tracker in (keep, early and early.tracker):
+            if tracker is not None:
+                tracker.replay(workdir, up_to=start)
+        return cls(keep, early)
+
+    def update(self, step: int, point: dict) -> dict:
+        """Takes evaluation point `step` ({"tasks": ..., "suites": ...}); returns the
+        decisions: `new_best` (the point is the best kept so far), `best_step`, and
+        `stop` (the early stop's reason, or "")."""
+        new_best = self.keep.update(step, point) if self.keep else False
+        if self.early:
+            self.early.tracker.update(step, point)
+        return {"new_best": new_best, **self.state()}
+
+    def state(self) -> dict:
+        return {"best_step": self.keep.best_step if self.keep else None,
+                "stop": self.early.reason() if self.early and self.early.should_stop() else ""}

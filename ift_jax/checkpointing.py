@@ -26,6 +26,7 @@ Damage and failures, where they happen:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -48,11 +49,27 @@ class SaveFailedError(errors.CheckpointError):
     """An asynchronous save failed (disk full, permissions): the run stops."""
 
 
+@dataclasses.dataclass
+class _Pinned:
+    """An orbax preservation policy keeping the steps in `steps` (the best checkpoint),
+    which the trainer changes as evaluations come in; orbax applies it after each save."""
+    steps: set = dataclasses.field(default_factory=set)
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [info.step in self.steps for info in checkpoints]
+
+
 def _orbax_manager(directory: str, keep: int, save_interval_steps: int = 1,
-             read_only: bool = False) -> ocp.CheckpointManager:
+                   read_only: bool = False, pinned: Optional[_Pinned] = None
+                   ) -> ocp.CheckpointManager:
+    if read_only:  # Deletes nothing.
+        kept = dict(max_to_keep=keep)
+    else:  # The last `keep`, and the pinned ones.
+        kept = dict(preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+            [ocp.checkpoint_managers.LatestN(n=keep), pinned or _Pinned()]))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_interval_steps, create=not read_only,
-        read_only=read_only, enable_async_checkpointing=True)
+        save_interval_steps=save_interval_steps, create=not read_only,
+        read_only=read_only, enable_async_checkpointing=True, **kept)
     # orbax wants absolute paths; a bucket path (gs://...) already is one.
     directory = directory if fileio.is_remote(directory) else os.path.abspath(directory)
     return ocp.CheckpointManager(directory, options=options,
@@ -69,13 +86,15 @@ class Checkpointer:
         self._orbax: Optional[ocp.CheckpointManager] = None
         self._excluded: set[int] = set()  # Damaged, but left in place (see set_aside_damaged).
         self._saving: Optional[int] = None  # The step of the save last started.
+        self._pinned = _Pinned()  # Kept besides the last `keep` (the best checkpoint).
 
     @property
     def _manager(self) -> ocp.CheckpointManager:
         # Made on first use: `set_aside_damaged` runs before orbax reads (and warns about)
         # the damaged folders.
         if self._orbax is None:
-            self._orbax = _orbax_manager(self.directory, self._keep, read_only=self._read_only)
+            self._orbax = _orbax_manager(self.directory, self._keep, read_only=self._read_only,
+                                         pinned=self._pinned)
         return self._orbax
 
     def latest_step(self) -> Optional[int]:
@@ -84,6 +103,15 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(set(self._manager.all_steps()) - self._excluded)
+
+    def keep_also(self, step: Optional[int]) -> None:
+        """Keeps checkpoint `step` (besides the last `keep`) from the next save on; the
+        step kept before is left to the usual keep-N rule (None: none kept)."""
+        self._pinned.steps = set() if step is None else {step}
+
+    def has(self, step: int) -> bool:
+        """Whether a checkpoint of `step` exists or is being written."""
+        return step == self._saving or step in self.all_steps()
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))

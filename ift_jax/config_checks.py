@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional, Sequence
 
-from ift_jax import losses, optim, peft
+from ift_jax import best, losses, optim, peft
 from ift_jax.errors import ConfigError
 from ift_jax.models import t5
 
@@ -105,6 +105,10 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "train.checkpoint_every": _int_at_least(1, "steps between checkpoints"),
     "train.keep_checkpoints": _int_at_least(
         1, "checkpoints kept; with 0 a finished run would keep no model"),
+    "train.early_stopping.patience": _int_at_least(1, "evaluations without improvement"),
+    "train.early_stopping.min_delta": _number(0.0),
+    "train.early_stopping.mode": _one_of(best.MODES),
+    "checkpoint.keep_best_mode": _one_of(best.MODES),
     "eval.every": _int_at_least(0, "steps between evaluations; 0 = none during training"),
     "eval.max_examples": _int_at_least(0, "per task; 0 = the whole split"),
     "eval.batch_size": _int_at_least(1, "examples decoded at once"),
@@ -154,6 +158,7 @@ def validate(config: Any) -> None:
     _check_zero_steps(config)
     _check_microbatches(config)
     _check_schedule(config)
+    _check_best(config)
     sizes = mesh_sizes(config)
     if sizes is not None and -1 not in (sizes["data"], sizes["fsdp"]):
         _check_batch_split(config, sizes["data"] * sizes["fsdp"], sizes)
@@ -230,6 +235,19 @@ def _check_zero_steps(config: Any) -> None:
                 "eval.at_start=False evaluates nothing either",
                 "set --config.train.steps=N with N >= 1 (0 only evaluates the starting model: "
                 "eval.at_start=True and eval.every > 0)")
+
+
+def _check_best(config: Any) -> None:
+    """keep_best and early stopping follow evaluated metrics: they need evaluations."""
+    for key in ("checkpoint.keep_best", "train.early_stopping.metric"):
+        spec = get(config, key)
+        if spec in (_MISSING, ""):
+            continue
+        best.parse(spec, key)
+        if get(config, "eval.every") in (_MISSING, 0):
+            raise _fail(key, spec, "follows an evaluated metric, and eval.every=0 evaluates "
+                        "nothing during training", "set --config.eval.every=N (a multiple of "
+                        "train.checkpoint_every keeps the evaluated steps' checkpoints)")
 
 
 def _check_microbatches(config: Any) -> None:

@@ -175,7 +175,7 @@ class RunEvaluator:
         """Whether evaluation point `step` has no `eval/step_<N>.json` (process 0 reads)."""
         return not agree(step in evaluation.finished_steps(self.workdir))
 
-    def at_step(self, step: int, params: Any) -> Optional[dict[str, dict[str, float]]]:
+    def at_step(self, step: int, params: Any) -> Optional[evaluation.PointResult]:
         """Evaluation point `step`; at step 0 also the pending in-context baselines,
         and step 0 itself only with `eval.at_start` and not evaluated yet."""
         if step == 0:
@@ -186,9 +186,13 @@ class RunEvaluator:
                 self.incontext(shots, params)
             if not todo["start"]:
                 return None
-        return self.step(step, params)
+        return self.point(step, params)
 
     def step(self, step: int, params: Any) -> dict[str, dict[str, float]]:
+        """Evaluation point `step`'s per-task metrics."""
+        return self.point(step, params).tasks
+
+    def point(self, step: int, params: Any) -> evaluation.PointResult:
         with TaskProgress(self.specs, f"eval step {step}") as tracker:
             result = evaluation.evaluate(self.workdir, step, self.inference(params), self.specs,
                                          aggregate=aggregate, write_files=_is_main(),
@@ -198,7 +202,7 @@ class RunEvaluator:
             report.write_tables(self.workdir)
             if step and any(s.guard_tasks for s in self.specs):
                 print(report.forgetting_summary(self.workdir), flush=True)
-        return result.tasks
+        return result
 
     def incontext(self, shots: int, params: Any) -> dict[str, dict[str, float]]:
         with TaskProgress([s for s in self.specs if not s.suite],

@@ -30,9 +30,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from ift_jax import (checkpointing, config_checks, config_diff, distributed, errors, evaluator,
-                     fileio, inference, model_setup, partitioning, run_lock, runs, set_aside,
-                     suites)
+from ift_jax import (best, checkpointing, config_checks, config_diff, distributed, errors,
+                     evaluator, fileio, inference, model_setup, partitioning, run_lock, runs,
+                     set_aside, suites)
 from ift_jax.train_step import (  # noqa: F401  (the step's public names, also here)
     TrainState, global_batches, jit_train_step, train_step)
 
@@ -221,19 +221,40 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     stop = StopRequested()
     evaluate = _evaluator(config, setup, workdir, log, mesh, stop)
     rng = jax.random.key(config.train.seed)
+    follow = best.Follower.from_config(config, workdir, start) if evaluate else None
+    stopped_early = _follow_start(follow, ckpt)
     started = time.perf_counter()
     pending: Optional[tuple[int, dict]] = None
     last: dict = {}
     step = start
+
+    def evaluated(step: int, point: Optional[dict]) -> str:
+        """Keeps the best checkpoint (saving the step if it has none); the early stop's
+        reason, or "". Every host decides the same (process 0's record)."""
+        nonlocal last, pending
+        if follow is None or point is None:
+            return ""
+        decision = evaluator.agree(follow.update(step, point))
+        if decision["new_best"] and follow.keep and not ckpt.has(step):
+            if pending is not None:  # Never checkpoint a non-finite state.
+                last, pending = _report(log, setup, *pending, config), None
+            ckpt.save(step, state, setup.checkpoint_meta(), force=True)
+        ckpt.keep_also(decision["best_step"])
+        if follow.keep and jax.process_index() == 0:
+            best.write_record(workdir, follow.keep)
+        return decision["stop"]
+
     try:
         with partitioning.mesh_context(mesh):
             if evaluate and start == 0:  # The starting model: step 0 and in-context.
-                evaluate(0, model_setup.merge(state.params, frozen))
+                stopped_early = evaluated(0, evaluate(0, model_setup.merge(state.params,
+                                                                           frozen)))
             elif evaluate and _eval_due(start, config) and evaluate.pending(start):
                 logging.info("start-up: evaluation point %d has no eval/step_%d.json (it was "
                              "cut off); evaluating it first", start, start)
-                evaluate(start, model_setup.merge(state.params, frozen))
-            while step < config.train.steps and not stop.requested:
+                stopped_early = evaluated(start, evaluate(
+                    start, model_setup.merge(state.params, frozen)))
+            while step < config.train.steps and not stop.requested and not stopped_early:
                 ckpt.check_saves()  # A failed save stops the run here, not a save later.
                 batch = next(batches)
                 state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(rng, step))
@@ -246,18 +267,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                     last, pending = _report(log, setup, *pending, config), None
                     ckpt.save(step, state, setup.checkpoint_meta())
                 if evaluate and _eval_due(step, config):
-                    evaluate(step, model_setup.merge(state.params, frozen))
+                    stopped_early = evaluated(step, evaluate(
+                        step, model_setup.merge(state.params, frozen)))
             if pending is not None:
                 last = _report(log, setup, *pending, config)
-            if stop.requested:
-                if ckpt.latest_step() != step:
+            if stop.requested or stopped_early:
+                if not ckpt.has(step):
                     ckpt.save(step, state, setup.checkpoint_meta(), force=True)
                 ckpt.wait()
-                logging.warning("stopped at step %d; checkpoint saved", step)
+                logging.warning("%s at step %d; checkpoint saved", stopped_early or "stopped",
+                                step)
         ckpt.wait()  # `finished` only once the last checkpoint is committed.
         if jax.process_index() == 0:
+            # An early stop is a finished run (sweeps skip it); a stop request is not.
             _write_summary(workdir, config, step, last, state.params, frozen, started,
-                           finished=step >= config.train.steps and not stop.requested)
+                           finished=(step >= config.train.steps or bool(stopped_early))
+                           and not stop.requested, stop_reason=stopped_early)
     except OSError as e:  # Disk full, a read-only remount: one line, as for a failed save.
         ckpt.wait()  # A save that failed as well says more (SaveFailedError names its step).
         raise errors.TrainingError(
@@ -280,8 +305,18 @@ def peak_memory() -> dict[str, Optional[int]]:
             "host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def _follow_start(follow: Optional[best.Follower], ckpt: checkpointing.Checkpointer) -> str:
+    """A resumed run's best checkpoint kept again; the early stop's reason if the
+    evaluations so far already end the run (a resume of an early-stopped run)."""
+    if follow is None:
+        return ""
+    state = evaluator.agree(follow.state())
+    ckpt.keep_also(state["best_step"])
+    return state["stop"]
+
+
 def _write_summary(workdir: str, config, step: int, last: dict, trainable: Any, frozen: Any,
-                   started: float, finished: bool) -> None:
+                   started: float, finished: bool, stop_reason: str = "") -> None:
     """`summary.json`: where the run stopped, its last metrics, sizes and peak memory
     (sweeps and the launchers read it; `finished` marks a run that reached
     `train.steps` and was not stopped, e.g. during its last evaluation)."""
@@ -289,6 +324,7 @@ def _write_summary(workdir: str, config, step: int, last: dict, trainable: Any, 
               for name, tree in (("trainable", trainable), ("frozen", frozen))}
     summary = {"step": step, "steps": config.train.steps,
                "finished": finished,
+               **({"stop_reason": stop_reason} if stop_reason else {}),
                "train": {k: float(v) for k, v in last.items()},
                "params": {**counts, "total": counts["trainable"] + counts["frozen"]},
                "peak_memory": peak_memory(), "wall_s": time.perf_counter() - started,
@@ -313,18 +349,21 @@ class _Evaluate:
     def pending(self, step: int) -> bool:
         return self.run_evaluator.pending(step)
 
-    def __call__(self, step: int, params: Any) -> None:
+    def __call__(self, step: int, params: Any) -> Optional[dict]:
+        """The point's `{"tasks": ..., "suites": ...}`, or None (nothing evaluated)."""
         try:
-            results = self.run_evaluator.at_step(step, params)
+            result = self.run_evaluator.at_step(step, params)
         except inference.Cancelled:
             self.stop.requested = True  # On every host: the cancel was agreed by all.
             logging.warning("evaluation at step %d stopped by the stop request; it is done "
                             "again when the run resumes", step)
-            return
-        if results:
-            self.log.writer.write_scalars(step, {f"eval/{task}/{k}": v
-                                                 for task, m in results.items()
-                                                 for k, v in m.items()})
+            return None
+        if result is None:
+            return None
+        self.log.writer.write_scalars(step, {f"eval/{task}/{k}": v
+                                             for task, m in result.tasks.items()
+                                             for k, v in m.items()})
+        return {"tasks": result.tasks, "suites": result.suites}
 
 
 def _evaluator(config, setup, workdir: str, log: MetricsLog, mesh, stop: StopRequested

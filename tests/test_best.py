@@ -1,6 +1,7 @@
 """`ift_jax.best`: the best checkpoint by a metric and early stopping, from scripted metrics."""
 
 import json
+import os
 
 import ml_collections
 import pytest
@@ -73,3 +74,88 @@ def test_bad_specs_are_one_line_config_errors():
     with pytest.raises(errors.ConfigError, match="patience=0: must be >= 1"):
         best.EarlyStopping.from_config(ml_collections.ConfigDict(
             dict(metric="t/accuracy", patience=0, min_delta=0.0)))
+
+
+# ----------------------------------------------------------------------------
+# Wired into training: a tiny run whose evaluations return a scripted metric.
+
+ACCURACY = {0: 10.0, 2: 30.0, 4: 50.0, 6: 40.0, 8: 45.0, 10: 20.0, 12: 25.0}
+
+
+@pytest.fixture
+def scripted_eval(monkeypatch):
+    """Evaluation points score `ACCURACY[step]` (and write their eval file, as the
+    real evaluator does, which is what a resumed run replays)."""
+    from ift_jax import evaluation, evaluator
+
+    def at_step(self, step, params):
+        tasks = {"t": {"accuracy": ACCURACY[step]}}
+        directory = os.path.join(self.workdir, "eval")
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"step_{step}.json"), "w") as f:
+            json.dump({"step": step, "tasks": tasks}, f)
+        return evaluation.PointResult(tasks, {}, {}, {})
+
+    monkeypatch.setattr(evaluator.RunEvaluator, "at_step", at_step)
+
+
+def _config(steps, **sections):
+    from test_train import tiny_config
+    config = tiny_config(steps=steps, checkpoint_every=2, keep_checkpoints=1)
+    config.eval.every = 2
+    for key, value in sections.items():
+        section, name = key.split("__")
+        setattr(config[section] if section != "early" else config.train.early_stopping,
+                name, value)
+    return config
+
+
+def _checkpoints(workdir):
+    return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                  if s.isdigit())
+
+
+def test_keep_best_keeps_the_best_evaluated_checkpoint_besides_the_last(tmp_path,
+                                                                        scripted_eval):
+    from ift_jax import train
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_config(12, checkpoint__keep_best="t/accuracy"), workdir)
+    assert _checkpoints(workdir) == [4, 12]  # The last one (keep 1) and the best.
+    assert json.load(open(f"{workdir}/best_checkpoint.json")) == {
+        "metric": "t/accuracy", "mode": "max", "step": 4, "value": 50.0}
+    assert json.load(open(f"{workdir}/summary.json"))["finished"] is True
+
+
+def test_early_stopping_ends_the_run_finished_and_a_resume_remembers(tmp_path,
+                                                                     scripted_eval):
+    from ift_jax import train
+    workdir = str(tmp_path / "run")
+    early = dict(early__metric="t/accuracy", early__patience=2,
+                 checkpoint__keep_best="t/accuracy")
+    # To step 6: one evaluation (6) without improvement since the best (4).
+    train.train_and_evaluate(_config(6, **early), workdir)
+    assert "stop_reason" not in json.load(open(f"{workdir}/summary.json"))
+    # Longer: the resumed run replays 0..6 and stops at 8, the second miss in a row.
+    train.train_and_evaluate(_config(12, **early), workdir,
+                             allow_config_changes=("train.steps",))
+    summary = json.load(open(f"{workdir}/summary.json"))
+    assert summary["step"] == 8 and summary["finished"] is True
+    assert summary["stop_reason"] == ("early stopping: t/accuracy did not improve by more "
+                                      "than 0.0 for 2 evaluations (best 50 at step 4)")
+    assert _checkpoints(workdir) == [4, 8]  # The best survived the resume.
+    # Run again: the evaluations already say stop; nothing more is trained.
+    train.train_and_evaluate(_config(12, **early), workdir)
+    assert json.load(open(f"{workdir}/summary.json"))["step"] == 8
+
+
+def test_keep_best_and_early_stopping_need_evaluations():
+    from ift_jax import config_checks
+    config = _config(4, checkpoint__keep_best="t/accuracy")
+    config.eval.every = 0
+    with pytest.raises(errors.ConfigError, match=r"checkpoint.keep_best='t/accuracy' follows "
+                                                 r"an evaluated metric"):
+        config_checks.validate(config)
+    config.eval.every = 2
+    config.checkpoint.keep_best = "accuracy"
+    with pytest.raises(errors.ConfigError, match="give <task>/<metric>"):
+        config_checks.validate(config)
