@@ -72,7 +72,7 @@ setuptools.setup(
     description="Instruction fine-tuning of T5-family models in JAX",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    # tasks/ and configs/ (DESIGN.md's layout) install as ift_jax.tasks and
+    # tasks/ and configs/ (docs/design.md's layout) install as ift_jax.tasks and
     # ift_jax.configs, so the embedded default config works from any directory.
     packages=setuptools.find_packages(include=["ift_jax", "ift_jax.*"])
     + ["ift_jax.tasks", "ift_jax.configs", "ift_jax.configs.sweeps"],

@@ -1,4 +1,4 @@
-"""Evaluation: predictions and metrics per task, written as DESIGN.md says.
+"""Evaluation: predictions and metrics per task, written as docs/design.md says.
 
 For each task: run `predict_fn` on the task's inputs, decode, postprocess both
 sides with the task's own `postprocess_fn`, apply its `metric_fns` (or the

@@ -1,6 +1,6 @@
 """Reports of a run from its workdir files alone: tables, forgetting, plots and a README.
 
-Reads what training and evaluation wrote (DESIGN.md's workdir contract):
+Reads what training and evaluation wrote (the workdir contract in docs/design.md):
 
 - `config.json`: `eval.guard_tasks`, a comma-separated string of guard tasks;
 - `train_metrics.jsonl`: one `{"step": N, "loss": ..., ...}` object per logged step;

@@ -99,7 +99,7 @@ def start(setup: model_setup.Setup, mesh: jax.sharding.Mesh,
           ckpt: checkpointing.Checkpointer) -> tuple[model_setup.Initialized, int]:
     """The training start-up: `(initialized state, start step)`.
 
-    Order (DESIGN): 1. resume from the newest readable checkpoint of the
+    Order (docs/design.md, section 3): 1. resume from the newest readable checkpoint of the
     workdir; 2. else `init_from` (an HF T5 directory or another ift_jax
     workdir); 3. else from scratch with the seed.
 

@@ -1,4 +1,4 @@
-"""Predictions files and eval JSON as DESIGN.md's contract says; scores recomputable."""
+"""Predictions files and eval JSON as docs/design.md's contract says; scores recomputable."""
 
 import json
 import os
