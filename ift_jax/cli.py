@@ -516,19 +516,21 @@ def _sweep(argv: Sequence[str]) -> int:
         return 0
     console.setup_logging(console.is_verbose())
     dry_run, in_process = "--dry_run" in argv, "--in_process" in argv
-    argv = [a for a in argv if a not in SWEEP_FLAGS]
+    only = [name for a in argv if a.startswith("--points=")
+            for name in a[len("--points="):].split(",") if name]
+    argv = [a for a in argv if a not in SWEEP_FLAGS and not a.startswith("--points=")]
     specs = [a[len("--config="):] for a in argv if a.startswith("--config=")]
     roots = [a[len("--workdir="):] for a in argv if a.startswith("--workdir=")]
     unknown = [a for a in argv if not a.startswith(("--config=", "--workdir=", "--config."))]
     if len(specs) != 1 or len(roots) != 1 or unknown:
         raise errors.ConfigError(
             "usage: ift-jax sweep --config=FILE[:arg] --workdir=ROOT [--dry_run] "
-            "[--in_process] [--config.a.b=v ...]" + (f"; unexpected {unknown}" if unknown
-                                                     else ""))
+            "[--in_process] [--points=NAME,...] [--config.a.b=v ...]"
+            + (f"; unexpected {unknown}" if unknown else ""))
     extra = [a for a in argv if a.startswith("--config.")]
     failed = sweeps.run(specs[0], roots[0], extra, dry_run,
                         validate=lambda point_argv: _parse_config_flags("train", point_argv),
-                        in_process=main if in_process else None)
+                        in_process=main if in_process else None, only=only)
     if failed:
         print(f"ift-jax sweep: {failed} point(s) failed; see {roots[0]}/sweep_summary.md",
               file=sys.stderr)
@@ -565,7 +567,6 @@ def use_compilation_cache() -> Optional[str]:
 
 
 # What the CLI reports as one line; anything else is a bug and keeps its traceback.
-# ValueError, FileNotFoundError and KeyError stay until every module raises UserError.
 USER_ERRORS = (errors.UserError,)
 
 

@@ -56,7 +56,7 @@ flags:
 
 SWEEP_USAGE = """\
 usage: ift-jax sweep --config=FILE[:arg] --workdir=ROOT [--dry_run] [--in_process]
-                     [--config.KEY=VALUE ...] [--verbose]
+                     [--points=NAME,...] [--config.KEY=VALUE ...] [--verbose]
 
 Runs each point of FILE's get_sweep(arg) as its own `ift-jax train` in
 ROOT/<point>/ (finished points are skipped) and writes ROOT/sweep_summary.*.
@@ -66,6 +66,7 @@ flags:
   --workdir=ROOT        one workdir per point below it
   --dry_run             print the points' commands, run nothing
   --in_process          run the points in this process (no start-up per point)
+  --points=NAME,...     run only these points (names as --help lists them)
   --config.KEY=VALUE    set a field of every point, e.g. --config.train.steps=10
   --verbose             keep the start-up logging of TensorFlow, XLA and absl
   -h, --help, --helpfull

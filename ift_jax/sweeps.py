@@ -8,11 +8,12 @@ from the overridden keys' last parts and values (`lora_rank=8`). `product`
 and `zip_` build such lists.
 
 `ift-jax sweep --config=FILE[:arg] --workdir=ROOT [--dry_run] [--in_process]
-[--config.k=v]` runs each point as its own `ift-jax train` process (so its
-peak memory is its own; `--in_process` runs them in the sweep's process) in
-`ROOT/<name>/`, skips points whose run finished (`summary.json` says
-so), and collects `ROOT/sweep_summary.{csv,md,png}`: overrides, final training
-loss, the last evaluation's metrics, trainable params and peak memory.
+[--points=NAME,...] [--config.k=v]` runs each point (or the named ones) as
+its own `ift-jax train` process (so its peak memory is its own;
+`--in_process` runs them in the sweep's process) in `ROOT/<name>/`, skips
+points whose run finished (`summary.json` says so), and collects
+`ROOT/sweep_summary.{csv,md,png}`: overrides, final training loss, the last
+evaluation's metrics, trainable params and peak memory.
 """
 
 from __future__ import annotations
@@ -123,11 +124,29 @@ def finished(workdir: str) -> bool:
         return bool(json.load(f).get("finished"))
 
 
+def select(points: Sequence[Point], names: Sequence[str], path: str) -> list[Point]:
+    """The points named in `names` (all for none), in the sweep's order.
+
+    Raises:
+      ConfigError: a name that is not a point (listing the points).
+    """
+    if not names:
+        return list(points)
+    known = [point_name(p) for p in points]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise errors.ConfigError(f"--points: {path} has no point {', '.join(unknown)}; its "
+                                 f"points: {', '.join(known)}")
+    return [p for p in points if point_name(p) in names]
+
+
 def run(config_spec: str, root: str, extra: Sequence[str] = (), dry_run: bool = False,
-        validate=None, in_process: Optional[Callable[[list[str]], int]] = None) -> int:
+        validate=None, in_process: Optional[Callable[[list[str]], int]] = None,
+        only: Sequence[str] = ()) -> int:
     """Runs (or, with `dry_run`, prints) every point; returns the number that failed.
 
     Args:
+      only: point names to run (all when empty); the summary covers these.
       validate: `argv -> None` raising on bad flags (the CLI's parser), called for
         every point before anything runs, so a typo fails the sweep up front.
       in_process: `argv -> exit code` running one point's `ift-jax` argv in this
@@ -135,7 +154,7 @@ def run(config_spec: str, root: str, extra: Sequence[str] = (), dry_run: bool = 
         process each: no start-up per point (quick CPU sweeps, notebooks), but
         the peak host memory reported is the process's so far, not the point's own.
     """
-    points = load_points(config_spec)
+    points = select(load_points(config_spec), only, config_spec.partition(":")[0])
     todo = commands(config_spec, root, points, extra)
     if validate:
         for _, argv in todo:

@@ -319,7 +319,8 @@ def _write_summary(workdir: str, config, step: int, last: dict, trainable: Any, 
                    started: float, finished: bool, stop_reason: str = "") -> None:
     """`summary.json`: where the run stopped, its last metrics, sizes and peak memory
     (sweeps and the launchers read it; `finished` marks a run that reached
-    `train.steps` and was not stopped, e.g. during its last evaluation)."""
+    `train.steps`, or stopped early by `train.early_stopping` (`stop_reason`
+    says so), and was not stopped by a signal, e.g. during its last evaluation)."""
     counts = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
               for name, tree in (("trainable", trainable), ("frozen", frozen))}
     summary = {"step": step, "steps": config.train.steps,

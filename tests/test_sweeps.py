@@ -64,16 +64,17 @@ def test_a_point_process_reports_its_exit_code():
 
 # In process: the same points and files as with a process per point, without the
 # ~8 s start-up of each (`sweeps._run_point` is the process path).
-@pytest.mark.parametrize("config, names", [
-    (LORA_RANK, ["lora_rank=1", "lora_rank=4"]),
-    (PEFT_METHODS, ["full", "lora", "qlora", "prompt", "dora", "houlsby", "pfeiffer", "ia3",
-                    "prefix"]),
+# The methods' sweep runs four of its points (`--points`): each method trains on its
+# own in test_train_peft_methods.py; here the sweep machinery is what is tested.
+@pytest.mark.parametrize("config, names, points", [
+    (LORA_RANK, ["lora_rank=1", "lora_rank=4"], []),
+    (PEFT_METHODS, ["full", "lora", "qlora", "prompt"], ["--points=prompt,full,lora,qlora"]),
 ])
-def test_tiny_presets_run_and_summarize_and_skip_finished_points(config, names, tmp_path,
-                                                                 capsys):
+def test_tiny_presets_run_and_summarize_and_skip_finished_points(config, names, points,
+                                                                 tmp_path, capsys):
     root = str(tmp_path / "sweep")
     assert cli.main(["sweep", f"--config={config}:tiny", f"--workdir={root}",
-                     "--in_process"]) == 0
+                     "--in_process", *points]) == 0
     rows = _rows(f"{root}/sweep_summary.csv")
     assert [r["point"] for r in rows] == names
     assert all(r["status"] == "finished" and r["step"] == "6" for r in rows)
@@ -96,9 +97,24 @@ def test_tiny_presets_run_and_summarize_and_skip_finished_points(config, names, 
     assert len(progress) == len(names) and progress[0].startswith(
         f"sweep: 1/{len(names)} points ({100 // len(names)}%), {names[0]} done, elapsed ")
     assert ", ETA " in progress[0] and ", ETA " not in progress[-1]
-    assert cli.main(["sweep", f"--config={config}:tiny", f"--workdir={root}", "--dry_run"]) == 0
+    assert cli.main(["sweep", f"--config={config}:tiny", f"--workdir={root}", "--dry_run",
+                     *points]) == 0
     assert all(line.endswith("# finished, skipped")
                for line in capsys.readouterr().out.splitlines())
+    if points:  # The points left out are still to run.
+        assert cli.main(["sweep", f"--config={config}:tiny", f"--workdir={root}",
+                         "--dry_run"]) == 0
+        pending = [line for line in capsys.readouterr().out.splitlines()
+                   if not line.endswith("# finished, skipped")]
+        assert len(pending) == len(sweeps.load_points(f"{config}:tiny")) - len(names)
+
+
+def test_an_unknown_point_name_lists_the_points(tmp_path, capsys):
+    assert cli.main(["sweep", f"--config={LORA_RANK}:tiny", f"--workdir={tmp_path}",
+                     "--points=lora_rank=3", "--dry_run"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--points: configs/sweeps/lora_rank.py has no point lora_rank=3; its points: "
+        "lora_rank=1, lora_rank=4")
 
 
 def test_a_signal_is_passed_to_the_running_point_and_ends_the_sweep(tmp_path, monkeypatch):
