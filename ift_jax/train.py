@@ -11,7 +11,9 @@ metrics rows logged after the restored step (by the run that was cut off) are
 dropped; an evaluation point due at the restored step whose results are
 missing (cut off by a kill or a SIGTERM, which stops an evaluation within a
 batch) is evaluated first. A failed asynchronous save stops the run at the
-next step boundary with one line naming the step and the cause.
+next step boundary with one line naming the step and the cause. A SIGTERM or
+SIGINT on any host stops every host at the same step boundary, where each
+saves that step and exits 0 (`ift_jax.preemption`).
 
 The host never waits on the device per step: metrics of step N are fetched
 after step N+1 has been dispatched.
@@ -22,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any, Optional, Sequence
 
@@ -31,8 +32,8 @@ import ml_collections
 import numpy as np
 
 from ift_jax import (best, checkpointing, config_checks, config_diff, distributed, errors,
-                     evaluator, fileio, inference, model_setup, partitioning, run_lock, runs,
-                     set_aside, suites)
+                     evaluator, fileio, inference, model_setup, partitioning, preemption,
+                     run_lock, runs, set_aside, suites)
 from ift_jax.train_step import (  # noqa: F401  (the step's public names, also here)
     TrainState, global_batches, jit_train_step, train_step)
 
@@ -86,25 +87,6 @@ class MetricsLog:
     def close(self):
         self.writer.flush()
         self.writer.close()
-
-
-class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop finishes the step (or the evaluation stops
-    at its next batch), saves and exits 0."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("signal %d: stopping after the current step", signum)
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class NonFiniteLossError(errors.TrainingError):
@@ -218,7 +200,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     log = MetricsLog(workdir, config.train.steps,
                      setup.flops_per_token if config.device_peak_flops else 0.0,
                      config.device_peak_flops)
-    stop = StopRequested()
+    stop = preemption.StopRequest(mesh)
     evaluate = _evaluator(config, setup, workdir, log, mesh, stop)
     rng = jax.random.key(config.train.seed)
     follow = best.Follower.from_config(config, workdir, start) if evaluate else None
@@ -254,7 +236,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                              "cut off); evaluating it first", start, start)
                 stopped_early = evaluated(start, evaluate(
                     start, model_setup.merge(state.params, frozen)))
-            while step < config.train.steps and not stop.requested and not stopped_early:
+            # `stopped_early` is agreed by all hosts, so all of them skip or join the
+            # stop vote's collective alike.
+            while (step < config.train.steps and not stopped_early
+                   and not stop.agreed_at_boundary()):
                 ckpt.check_saves()  # A failed save stops the run here, not a save later.
                 batch = next(batches)
                 state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(rng, step))
@@ -271,7 +256,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                         step, model_setup.merge(state.params, frozen)))
             if pending is not None:
                 last = _report(log, setup, *pending, config)
-            if stop.requested or stopped_early:
+            if stop.agreed or stopped_early:  # Every host: agreed at this step boundary.
                 if not ckpt.has(step):
                     ckpt.save(step, state, setup.checkpoint_meta(), force=True)
                 ckpt.wait()
@@ -282,7 +267,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
             # An early stop is a finished run (sweeps skip it); a stop request is not.
             _write_summary(workdir, config, step, last, state.params, frozen, started,
                            finished=(step >= config.train.steps or bool(stopped_early))
-                           and not stop.requested, stop_reason=stopped_early)
+                           and not stop.agreed, stop_reason=stopped_early)
     except OSError as e:  # Disk full, a read-only remount: one line, as for a failed save.
         ckpt.wait()  # A save that failed as well says more (SaveFailedError names its step).
         raise errors.TrainingError(
@@ -344,7 +329,7 @@ class _Evaluate:
     within a batch (nothing of it is written; it is evaluated again at the restart)."""
 
     def __init__(self, run_evaluator: evaluator.RunEvaluator, log: MetricsLog,
-                 stop: StopRequested):
+                 stop: preemption.StopRequest):
         self.run_evaluator, self.log, self.stop = run_evaluator, log, stop
 
     def pending(self, step: int) -> bool:
@@ -355,7 +340,7 @@ class _Evaluate:
         try:
             result = self.run_evaluator.at_step(step, params)
         except inference.Cancelled:
-            self.stop.requested = True  # On every host: the cancel was agreed by all.
+            self.stop.requested = self.stop.agreed = True  # The cancel was agreed by all.
             logging.warning("evaluation at step %d stopped by the stop request; it is done "
                             "again when the run resumes", step)
             return None
@@ -367,7 +352,7 @@ class _Evaluate:
         return {"tasks": result.tasks, "suites": result.suites}
 
 
-def _evaluator(config, setup, workdir: str, log: MetricsLog, mesh, stop: StopRequested
+def _evaluator(config, setup, workdir: str, log: MetricsLog, mesh, stop: preemption.StopRequest
                ) -> Optional[_Evaluate]:
     """The run's evaluation, or None if evaluation is off."""
     if not config.eval.every:

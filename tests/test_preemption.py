@@ -1,4 +1,5 @@
-"""Preemption: a killed run resumes to the same params; SIGTERM saves, exits 0 and resumes.
+"""Preemption: a killed run resumes to the same params; SIGTERM saves, exits 0 and resumes;
+on two processes a SIGTERM to one stops both at the same step.
 
 Each run is `python -m ift_jax train` in a subprocess on one CPU device. The
 batch is large enough (~0.3 s a step on a 2-core CPU) that a signal sent on a
@@ -108,3 +109,45 @@ def test_sigterm_on_a_step_just_checkpointed_still_exits_0(tmp_path):
     assert rc == 0, f"exit code {rc} after SIGTERM; stderr:\n{run.stderr[-3000:]}"
     stopped = int(re.search(r"stopped at step (\d+)", run.stderr).group(1))
     assert stopped < STEPS and train_runs.committed_steps(tmp_path)[-1] == stopped
+
+
+def _pair(workdir, args, log, coordinator: str) -> list[train_runs.Run]:
+    """Two processes × 1 CPU device training one run in `workdir`."""
+    return [train_runs.Run(workdir, args, train_runs.env(
+        1, IFT_JAX_COORDINATOR=coordinator, IFT_JAX_NUM_PROCESSES="2",
+        IFT_JAX_PROCESS_ID=str(i)), f"{log}{i}") for i in range(2)]
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step_and_resumes_bit_exactly(tmp_path):
+    args = RUN + train_runs.overrides(train__checkpoint_every=STEPS)
+    whole, stopped_dir = tmp_path / "uninterrupted", tmp_path / "stopped"
+    runs = []
+    try:
+        # The uninterrupted pair runs beside the stopped one (they mostly wait on each other).
+        runs += _pair(whole, args, tmp_path / "whole", f"127.0.0.1:{train_runs.free_port()}")
+        stopped = _pair(stopped_dir, args, tmp_path / "stop",
+                        f"127.0.0.1:{train_runs.free_port()}")
+        runs += stopped
+        # Only process 0 prints progress; only process 1 is signalled.
+        train_runs.wait_for(lambda: f"step 3/{STEPS}" in stopped[0].stdout, stopped[0],
+                            "progress line of step 3")
+        stopped[1].signal(signal.SIGTERM)
+        train_runs.finish_all(runs)
+        steps = [int(re.search(r"stopped at step (\d+); checkpoint saved", run.stderr).group(1))
+                 for run in stopped]
+        assert steps[0] == steps[1] < STEPS, steps
+        assert train_runs.committed_steps(stopped_dir) == [steps[0]]
+
+        resumed = _pair(stopped_dir, args, tmp_path / "resumed",
+                        f"127.0.0.1:{train_runs.free_port()}")
+        runs += resumed
+        train_runs.finish_all(resumed)
+    finally:
+        for run in runs:
+            run.close()
+    assert [_resumed_step(run) for run in resumed] == steps
+    losses = [[(r["step"], r["loss"]) for r in train_runs.metrics_rows(d)]
+              for d in (stopped_dir, whole)]
+    assert losses[0] == losses[1] and len(losses[0]) == STEPS
+    train_runs.assert_trees_equal(train_runs.checkpoint_state(stopped_dir, STEPS)["params"],
+                                  train_runs.checkpoint_state(whole, STEPS)["params"], rtol=0)
