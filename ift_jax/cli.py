@@ -365,6 +365,7 @@ def _study(args: argparse.Namespace) -> int:
                f"--workdir={args.workdir}"]
     command += [f"--{k}={getattr(args, k)}" for k in ("init_from", "page_dir")
                 if getattr(args, k)]
+    command += [f"--{k}" for k in ("page_only", "in_process") if getattr(args, k)]
     return studies_runner.run(args.name, args.preset, args.workdir, init_from=args.init_from,
                               page_dir=args.page_dir, dry_run=args.dry_run,
                               page_only=args.page_only,

@@ -32,9 +32,9 @@ PUBLISHED = {"zero_shot": (0.2334, 0.0760, 0.2015), "full": (0.4216, 0.1804, 0.3
 ARMS = {"zero_shot": "full", "full": "full", "lora": "lora"}  # arm: method
 # The lab's evaluation: the whole test split, greedy, up to 200 tokens; one point at the end.
 LAB_EVAL = {"eval.split": "test", "eval.max_examples": 0, "eval.max_decode_length": 200}
-SMOKE = {"train.steps": 2, "train.batch_size": 4, "train.checkpoint_every": 2,
+SMOKE = {"train.steps": 2, "train.batch_size": 8, "train.checkpoint_every": 2,
          "train.log_every": 1, "data.inputs_length": 128, "data.targets_length": 32,
-         "eval.max_examples": 2, "eval.max_decode_length": 8}
+         "eval.max_examples": 2, "eval.max_decode_length": 4}
 
 
 def config_file() -> str:
