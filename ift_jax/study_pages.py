@@ -139,7 +139,7 @@ def _commands(plan: plans.Plan, command: Sequence[str]) -> str:
 def _design(study) -> str:
     doc = inspect.getdoc(study) or ""
     body = doc.split("\n\n", 1)[1] if "\n\n" in doc else ""
-    return body.strip()
+    return body.strip("\n").rstrip()  # Keeps an indented first line (a code block).
 
 
 def render(study, plan: plans.Plan, results: dict, rows: list[dict], info: dict,
@@ -158,7 +158,8 @@ def render(study, plan: plans.Plan, results: dict, rows: list[dict], info: dict,
     if png:
         parts.append(f"![{study.NAME}]({os.path.basename(png)})")
     parts += ["## Design", _design(study),
-              "Settings (`ift_jax/studies/recipe.py`, chosen before the runs):",
+              f"Settings (`ift_jax/studies/recipe.py` and `{study.NAME}.py`, chosen "
+              f"before the runs):",
               "\n".join(f"- `{k}`: `{json.dumps(v)}`" for k, v in plan.settings.items()),
               "## Commands", _commands(plan, command),
               "## Commit, machine and time",

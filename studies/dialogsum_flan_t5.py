@@ -59,7 +59,8 @@ def _step(preset: str, root: str, init_from: str, arm: str) -> plans.Step:
 
 
 def plan(preset: str, root: str, init_from: str = "") -> plans.Plan:
-    steps = [_step(preset, root, init_from, arm) for arm in ARMS]
+    # Without weights (--page_only) the page shows the commands with HF_DIR to fill in.
+    steps = [_step(preset, root, init_from or "HF_DIR", arm) for arm in ARMS]
     return plans.Plan(NAME, preset, root, steps,
                       {"config": "configs/flan_t5.py:size=base,method=full|lora,task=dialogsum",
                        "evaluation": LAB_EVAL, **({"smoke": SMOKE} if preset == "smoke" else {})},
