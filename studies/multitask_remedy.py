@@ -1,7 +1,8 @@
 """Study 3, multi-task remedy: the forgetting study's fine-tuning with the guard
 tasks mixed back in (FLAN-style multi-task fine-tuning): `study_dialogsum_replay`
 draws 10% of its examples from the trained guard tasks (tasks/study_mixtures.py),
-the rest from DialogSum; same steps, methods and evaluation as `forgetting`.
+the rest from DialogSum; same steps, methods and evaluation as `forgetting`,
+evaluated at the final checkpoint only.
 
 Rules, fixed before the runs (full fine-tuning, final checkpoint; forgetting
 as in `forgetting`):
@@ -29,8 +30,11 @@ NEXT = ("A larger replay share (the top of the literature's range is 10%; 20-30%
 
 
 def _steps(preset: str, root: str) -> list[plans.Step]:
+    # Evaluated at the end only (the claim is about the final checkpoint; the forgetting
+    # study has the per-checkpoint curves): one guard evaluation a run, not two.
     return [recipe.fine_tune_step(f"{NAME}/{m}", preset, root, m,
-                                  mixture=recipe.REPLAY_MIXTURE[preset])
+                                  mixture=recipe.REPLAY_MIXTURE[preset],
+                                  every_checkpoint=False)
             for m in recipe.METHODS]
 
 
