@@ -54,21 +54,24 @@ VOCAB_SIZE = {"smoke": 0, "cpu": 8000, "gpu": 16000}  # 0: bytes.
 BASE_TRAINING = {
     # steps, batch rows, inputs length, targets length, learning rate, warmup steps
     "smoke": dict(steps=4, batch=8, inputs=96, targets=32, lr=3e-3, warmup=1),
-    # 600 steps of 16 packed rows (~3M tokens): ~8 CPU-minutes of training for the m
-    # model, ~20-25 min wall on the shared machine with its two evaluations. Far less
-    # than FLAN's budget: the base learns formats and easy tasks, not much knowledge.
-    "cpu": dict(steps=600, batch=16, inputs=256, targets=64, lr=2e-3, warmup=50),
+    # 300 steps of 16 packed rows (~1.5M tokens). Resized before any result: a first
+    # start at 600 steps trained at 770-1,360 tokens/s on the shared machine (load
+    # average 7-14, `nice -n 10`), ~70 min for the base alone; 300 steps take ~25-30 min
+    # with its two evaluations. Far less than FLAN's budget: the base learns formats and
+    # easy tasks, not much knowledge.
+    "cpu": dict(steps=300, batch=16, inputs=256, targets=64, lr=2e-3, warmup=30),
     "gpu": dict(steps=20000, batch=128, inputs=512, targets=128, lr=1e-3, warmup=1000),
 }
 
 FINE_TUNING = {
     # steps, batch rows, inputs length, targets length, checkpoints (= evaluations)
     "smoke": dict(steps=2, batch=8, inputs=128, targets=32, every=2),
-    # 100 steps x 8 packed rows of 512 tokens (~2 dialogues a row): ~1,600 dialogues, 13%
-    # of an epoch of DialogSum's 12,460; ~1.5 CPU-minutes a run, as 14 fine-tuning runs
-    # must fit beside the base. Targets of 96 tokens cut 3% of its summaries (64: 13%).
-    # Checkpoints (and guard evaluations) at 50 and 100.
-    "cpu": dict(steps=100, batch=8, inputs=512, targets=96, every=50),
+    # 60 steps x 8 packed rows of 512 tokens (~2 dialogues a row): ~1,000 dialogues, 8%
+    # of an epoch of DialogSum's 12,460; ~5 min of training a run at the measured ~1,000
+    # tokens/s (see BASE_TRAINING), as 14 fine-tuning runs must fit beside the base.
+    # Targets of 96 tokens cut 3% of its summaries (64: 13%). Checkpoints (and guard
+    # evaluations) at 30 and 60.
+    "cpu": dict(steps=60, batch=8, inputs=512, targets=96, every=30),
     # The DialogSum lab's: 2,000 steps of 32, inputs 512, targets 128.
     "gpu": dict(steps=2000, batch=32, inputs=512, targets=128, every=500),
 }
