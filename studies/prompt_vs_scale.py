@@ -64,6 +64,9 @@ def findings(results: dict) -> list[str]:
     gaps = [(size, p["gap"], p["params"]) for size, p in results["sizes"].items()]
     if any(g is None for _, g, _ in gaps):
         return ["Not measured: some sizes have no final evaluation."]
+    if len(gaps) < 2:
+        return [f"Not measured: one model size ({gaps[0][0]}, gap {gaps[0][1]:+.2f}); the "
+                f"trend needs two or more."]
     holds = all(later < earlier for (_, earlier, _), (_, later, _) in zip(gaps, gaps[1:]))
     shown = "; ".join(f"{s} ({readout.cell(n)} params) {g:+.2f}" for s, g, n in gaps)
     lines = [f"The gap (full minus prompt tuning, ROUGE-L) narrows with every step up in "

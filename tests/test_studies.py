@@ -19,7 +19,7 @@ import pytest
 from ift_jax import cli, errors, hf, studies, studies_runner
 from ift_jax.data import vocabularies
 from ift_jax.models import t5
-from ift_jax.studies import forgetting, recipe
+from ift_jax.studies import forgetting, prompt_vs_scale, recipe
 from ift_jax.tasks import synthetic
 
 ORDER = ("base", "forgetting", "multitask_remedy", "lora_rank", "prompt_vs_scale",
@@ -140,6 +140,29 @@ def test_the_flan_study_needs_weights_and_its_page_says_so(tmp_path, capsys):
 def test_init_from_is_refused_for_studies_that_train_their_own_base():
     with pytest.raises(errors.ConfigError, match="goes with dialogsum_flan_t5"):
         studies_runner.make_plan("forgetting", "smoke", "/tmp/x", init_from="/some/dir")
+
+
+def test_prompt_vs_scale_plans_a_base_and_two_runs_per_extra_size():
+    """The smoke preset has one size (CI time); the cpu plan is checked without running."""
+    steps = {s.name: s for s in studies_runner.make_plan("prompt_vs_scale", "cpu", "/r").steps}
+    for size in set(recipe.SIZES["cpu"]) - {recipe.BASE_SIZE}:
+        d_model = recipe.SIZES["cpu"][size][0]
+        assert dict(steps[f"base/train_{size}"].flags)["config.model.d_model"] == d_model
+        for method in prompt_vs_scale.METHODS:
+            flags = dict(steps[f"prompt_vs_scale/{size}_{method}"].flags)
+            assert flags["config.init_from"] == f"/r/base/train_{size}"
+            assert flags["config.peft.method"] == method
+    assert "forgetting/full" in steps and "forgetting/prompt" in steps  # The m size's runs.
+
+
+def _sizes(*gaps):
+    return {"sizes": {f"x{i}": {"params": 10 ** i, "gap": g} for i, g in enumerate(gaps)}}
+
+
+def test_prompt_vs_scale_rule_needs_the_gap_to_fall_at_every_size():
+    assert "**reproduced**" in prompt_vs_scale.findings(_sizes(5.0, 3.0, 1.0))[0]
+    assert "**not reproduced**" in prompt_vs_scale.findings(_sizes(5.0, 6.0, 1.0))[0]
+    assert prompt_vs_scale.findings(_sizes(5.0))[0].startswith("Not measured")
 
 
 def _run(gain, forgot):
