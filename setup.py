@@ -73,11 +73,12 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     # tasks/ and configs/ (docs/design.md's layout) install as ift_jax.tasks and
-    # ift_jax.configs, so the embedded default config works from any directory.
+    # ift_jax.configs, so the embedded default config works from any directory;
+    # studies/ (docs/studies/) as ift_jax.studies.
     packages=setuptools.find_packages(include=["ift_jax", "ift_jax.*"])
-    + ["ift_jax.tasks", "ift_jax.configs", "ift_jax.configs.sweeps"],
+    + ["ift_jax.tasks", "ift_jax.configs", "ift_jax.configs.sweeps", "ift_jax.studies"],
     package_dir={"ift_jax.tasks": "tasks", "ift_jax.configs": "configs",
-                 "ift_jax.configs.sweeps": "configs/sweeps"},
+                 "ift_jax.configs.sweeps": "configs/sweeps", "ift_jax.studies": "studies"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

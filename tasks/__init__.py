@@ -18,3 +18,4 @@ from ift_jax.tasks import (  # noqa: F401  (imported for their registrations)
     wnut17,
 )
 from ift_jax.tasks import mixtures  # noqa: F401  (after the tasks it mixes)
+from ift_jax.tasks import study_mixtures  # noqa: F401  (after mixtures, whose lists it uses)

@@ -99,8 +99,8 @@ def test_train_with_an_unknown_config_key_lists_the_valid_ones(tmp_path):
     assert result.returncode == 2
     ours = [line for line in result.stderr.splitlines() if line.startswith("ift-jax")]
     assert ours == ["ift-jax train: error: unknown config key 'train.stepz'; valid keys of "
-                    "train: batch_size, checkpoint_every, keep_checkpoints, log_every, "
-                    "num_microbatches, seed, steps"]
+                    "train: batch_size, checkpoint_every, early_stopping, keep_checkpoints, "
+                    "log_every, num_microbatches, seed, steps"]
 
 
 def test_train_with_a_missing_init_from_says_so(tmp_path):
