@@ -232,12 +232,32 @@ def _report(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     _quiet_logging()
+    if args.init_from or args.adapter:
+        return _predict_adapters(args)
+    if not args.workdir:
+        raise errors.ConfigError("give --workdir=RUN, or --init_from=BASE [--adapter=NAME=DIR]")
     from ift_jax import distributed, evaluator
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
     rows = evaluator.predict_rows(args.workdir, evaluator.read_inputs(args.input), args.step,
                                   num_beams=args.num_beams,
                                   max_decode_length=args.max_decode_length, mesh=_mesh(args))
     _write_rows(rows, args.output, "predictions")
+    return 0
+
+
+def _predict_adapters(args: argparse.Namespace) -> int:
+    """`predict --init_from=BASE --adapter=NAME=DIR ...`: rows of any adapters in one batch."""
+    from ift_jax import evaluator, serving
+    if args.workdir or not args.init_from or args.step is not None or args.mesh or (
+            args.num_beams or 1) > 1:
+        raise errors.ConfigError("--adapter goes with --init_from=BASE (not --workdir, --step "
+                                 "or --mesh) and decodes greedily (no --num_beams)")
+    adapters = serving.parse_adapters(args.adapter or [])
+    rows = evaluator.read_inputs(args.input, check=serving.row_check(list(adapters)))
+    config = _init_from_config(args.init_from, args.vocab)
+    _write_rows(serving.predict_rows(config, adapters, rows,
+                                     max_decode_length=args.max_decode_length),
+                args.output, "predictions")
     return 0
 
 
@@ -322,10 +342,19 @@ def _add_report_and_predict_parsers(sub) -> None:
                             "of a run in WORKDIR/report/")
     parser.add_argument("--workdir", required=True)
     parser.set_defaults(run=_report)
-    parser = sub.add_parser("predict", help="generate from a trained run for the 'inputs' "
-                            "of each line of a JSONL file")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--input", required=True, help='JSONL, one {"inputs": "..."} per line')
+    parser = sub.add_parser("predict", help="generate from a trained run, or a base model "
+                            "with per-row adapters, for the 'inputs' of each line of a JSONL "
+                            "file")
+    parser.add_argument("--workdir", help="a run: its checkpoint")
+    parser.add_argument("--init_from", metavar="BASE", help="or a base model (HF T5 dir, t5x "
+                        "checkpoint or ift_jax workdir) serving the --adapter's")
+    parser.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                        help="with --init_from, repeatable: an HF PEFT LoRA or prompt-tuning "
+                        "adapter that rows name in their 'adapter' field (none: the base)")
+    parser.add_argument("--vocab", help="with --init_from: vocabulary (default: its spiece."
+                        "model)")
+    parser.add_argument("--input", required=True, help='JSONL, one {"inputs": "..."} per line'
+                        ' (with --adapter, optionally "adapter": NAME)')
     parser.add_argument("--output", help="JSONL with a 'prediction' added (default: stdout)")
     parser.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
     parser.add_argument("--num_beams", type=int, default=None, help="default: eval.num_beams")
