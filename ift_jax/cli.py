@@ -365,6 +365,29 @@ def _add_report_and_predict_parsers(sub) -> None:
     parser.set_defaults(run=_predict)
 
 
+def _inspect_prompt(args: argparse.Namespace) -> int:
+    _quiet_logging()
+    from ift_jax import prompt_neighbors
+    result = prompt_neighbors.write(args.workdir, args.step, args.k, args.metric)
+    sys.stdout.write(prompt_neighbors.markdown(result))
+    print(f"wrote {args.workdir}/report/{prompt_neighbors.MARKDOWN_FILE} and .json")
+    return 0
+
+
+def _add_inspect_prompt_parser(sub) -> None:
+    parser = sub.add_parser(
+        "inspect-prompt", help="nearest vocabulary tokens of each position of a prompt-tuning "
+        "run's soft prompt", description="Per prompt position, the k vocabulary embeddings "
+        "nearest it, as decoded tokens with their distances; also written to "
+        "WORKDIR/report/prompt_neighbors.{md,json}.")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--step", type=int, default=None,
+                        help="default: the latest checkpoint; 0 = the initial prompt")
+    parser.add_argument("--k", type=int, default=5, help="neighbors per position (default 5)")
+    parser.add_argument("--metric", choices=("cosine", "l2"), default="cosine")
+    parser.set_defaults(run=_inspect_prompt)
+
+
 def _export(args: argparse.Namespace) -> int:
     from ift_jax import distributed, export
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
@@ -492,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_report_and_predict_parsers(sub)
     _add_score_parser(sub)
+    _add_inspect_prompt_parser(sub)
     return parser
 
 
