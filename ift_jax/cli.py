@@ -232,12 +232,32 @@ def _report(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     _quiet_logging()
+    if args.init_from or args.adapter:
+        return _predict_adapters(args)
+    if not args.workdir:
+        raise errors.ConfigError("give --workdir=RUN, or --init_from=BASE [--adapter=NAME=DIR]")
     from ift_jax import distributed, evaluator
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
     rows = evaluator.predict_rows(args.workdir, evaluator.read_inputs(args.input), args.step,
                                   num_beams=args.num_beams,
                                   max_decode_length=args.max_decode_length, mesh=_mesh(args))
     _write_rows(rows, args.output, "predictions")
+    return 0
+
+
+def _predict_adapters(args: argparse.Namespace) -> int:
+    """`predict --init_from=BASE --adapter=NAME=DIR ...`: rows of any adapters in one batch."""
+    from ift_jax import evaluator, serving
+    if args.workdir or not args.init_from or args.step is not None or args.mesh or (
+            args.num_beams or 1) > 1:
+        raise errors.ConfigError("--adapter goes with --init_from=BASE (not --workdir, --step "
+                                 "or --mesh) and decodes greedily (no --num_beams)")
+    adapters = serving.parse_adapters(args.adapter or [])
+    rows = evaluator.read_inputs(args.input, check=serving.row_check(list(adapters)))
+    config = _init_from_config(args.init_from, args.vocab)
+    _write_rows(serving.predict_rows(config, adapters, rows,
+                                     max_decode_length=args.max_decode_length),
+                args.output, "predictions")
     return 0
 
 
@@ -322,10 +342,19 @@ def _add_report_and_predict_parsers(sub) -> None:
                             "of a run in WORKDIR/report/")
     parser.add_argument("--workdir", required=True)
     parser.set_defaults(run=_report)
-    parser = sub.add_parser("predict", help="generate from a trained run for the 'inputs' "
-                            "of each line of a JSONL file")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--input", required=True, help='JSONL, one {"inputs": "..."} per line')
+    parser = sub.add_parser("predict", help="generate from a trained run, or a base model "
+                            "with per-row adapters, for the 'inputs' of each line of a JSONL "
+                            "file")
+    parser.add_argument("--workdir", help="a run: its checkpoint")
+    parser.add_argument("--init_from", metavar="BASE", help="or a base model (HF T5 dir, t5x "
+                        "checkpoint or ift_jax workdir) serving the --adapter's")
+    parser.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                        help="with --init_from, repeatable: an HF PEFT LoRA or prompt-tuning "
+                        "adapter that rows name in their 'adapter' field (none: the base)")
+    parser.add_argument("--vocab", help="with --init_from: vocabulary (default: its spiece."
+                        "model)")
+    parser.add_argument("--input", required=True, help='JSONL, one {"inputs": "..."} per line'
+                        ' (with --adapter, optionally "adapter": NAME)')
     parser.add_argument("--output", help="JSONL with a 'prediction' added (default: stdout)")
     parser.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
     parser.add_argument("--num_beams", type=int, default=None, help="default: eval.num_beams")
@@ -334,6 +363,29 @@ def _add_report_and_predict_parsers(sub) -> None:
                         help="mesh data,fsdp,tensor sizes (default: the run's mesh over "
                              "this host's devices)")
     parser.set_defaults(run=_predict)
+
+
+def _inspect_prompt(args: argparse.Namespace) -> int:
+    _quiet_logging()
+    from ift_jax import prompt_neighbors
+    result = prompt_neighbors.write(args.workdir, args.step, args.k, args.metric)
+    sys.stdout.write(prompt_neighbors.markdown(result))
+    print(f"wrote {args.workdir}/report/{prompt_neighbors.MARKDOWN_FILE} and .json")
+    return 0
+
+
+def _add_inspect_prompt_parser(sub) -> None:
+    parser = sub.add_parser(
+        "inspect-prompt", help="nearest vocabulary tokens of each position of a prompt-tuning "
+        "run's soft prompt", description="Per prompt position, the k vocabulary embeddings "
+        "nearest it, as decoded tokens with their distances; also written to "
+        "WORKDIR/report/prompt_neighbors.{md,json}.")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--step", type=int, default=None,
+                        help="default: the latest checkpoint; 0 = the initial prompt")
+    parser.add_argument("--k", type=int, default=5, help="neighbors per position (default 5)")
+    parser.add_argument("--metric", choices=("cosine", "l2"), default="cosine")
+    parser.set_defaults(run=_inspect_prompt)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -507,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_and_predict_parsers(sub)
     _add_score_parser(sub)
     _add_study_parser(sub)
+    _add_inspect_prompt_parser(sub)
     return parser
 
 

@@ -336,12 +336,14 @@ def evaluate_model(config: ml_collections.ConfigDict, workdir: str,
         run.close()
 
 
-def read_inputs(path: str, fields: Sequence[str] = ("inputs",)) -> list[dict]:
+def read_inputs(path: str, fields: Sequence[str] = ("inputs",),
+                check: Optional[Callable[[dict], Optional[str]]] = None) -> list[dict]:
     """Rows of a JSONL file, each an object with a string value for each of `fields`
-    (other keys are kept as they are).
+    (other keys are kept as they are) that `check` (if given) finds no fault in.
 
     Raises:
-      InputFileError: naming the file and line of a row that is not such an object.
+      InputFileError: naming the file and line of a row that is not such an object,
+        or `check`'s message for it.
     """
     rows = []
     with fileio.open(path) as f:
@@ -356,6 +358,9 @@ def read_inputs(path: str, fields: Sequence[str] = ("inputs",)) -> list[dict]:
                        or not isinstance(row.get(k), str)]
             if missing:
                 raise errors.InputFileError(f"{path}:{number}: {_row_format(fields, missing)}")
+            fault = check(row) if check else None
+            if fault:
+                raise errors.InputFileError(f"{path}:{number}: {fault}")
             rows.append(row)
     if not rows:
         raise errors.InputFileError(f"{path}: no rows; give one JSON object per line")

@@ -493,7 +493,24 @@ def _primary_table(run: dict) -> str:
     return markdown_table(["task", "metric"] + [label for label, _ in columns], rows)
 
 
-def _readme(run: dict, train_rows: list[dict], summary: str, plots: list[str]) -> str:
+def prompt_section(workdir: str) -> str | None:
+    """For a prompt-tuning run (`peft.method=prompt`): the nearest vocabulary tokens of
+    its latest soft prompt, also written to `report/prompt_neighbors.{md,json}`."""
+    path = os.path.join(workdir, "config.json")
+    config = _read_json(path) if fileio.exists(path) else {}
+    if (config.get("peft") or {}).get("method") != "prompt":
+        return None
+    # Here, not at the top: reading a checkpoint needs jax, and importing this module
+    # stays cheap (as matplotlib's import in _new_figure).
+    from ift_jax import prompt_neighbors
+    try:
+        return prompt_neighbors.markdown(prompt_neighbors.write(workdir))
+    except errors.UserError as e:
+        return f"Not available: {e}"
+
+
+def _readme(run: dict, train_rows: list[dict], summary: str, plots: list[str],
+            prompt: str | None = None) -> str:
     losses = [r for r in train_rows if "loss" in r]
     loss_line = (f"Final training loss: {losses[-1]['loss']:.4f} (step {losses[-1]['step']})"
                  if losses else "No training loss logged (no train_metrics.jsonl).")
@@ -505,6 +522,8 @@ def _readme(run: dict, train_rows: list[dict], summary: str, plots: list[str]) -
                          ("Calibration", calibration_table(run))):
         if table:
             lines += [f"## {title}", "", table, ""]
+    if prompt:
+        lines += ["## Soft prompt: nearest tokens", "", prompt, ""]
     lines += ["## Forgetting", "", summary, ""]
     note = _rouge_note(run["workdir"])
     if note:
@@ -539,5 +558,6 @@ def write_report(workdir: str) -> str:
     plots = write_plots(workdir)
     path = os.path.join(out_dir, "README.md")
     with fileio.open(path, "w") as f:
-        f.write(_readme(run, train_rows, forgetting_summary(result), plots))
+        f.write(_readme(run, train_rows, forgetting_summary(result), plots,
+                        prompt_section(workdir)))
     return path

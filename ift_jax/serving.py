@@ -19,26 +19,34 @@ Methods that change the base weights of a row (DoRA's per-kernel rescaling,
 IA3, adapters, prefixes, `modules_to_save`) are refused: serve them alone or
 merged (`peft_formats.save_merged`).
 
-Typical use (what `ift-jax predict --adapter=NAME=DIR` wires)::
+Typical use::
 
     bank = serving.AdapterBank.build(config, base, {name: peft_formats.load_peft(d, config)
                                                     for name, d in adapters.items()})
     tokens = serving.greedy(bank, encoder_tokens, ["a", "b", None, "a"], max_decode_length=64)
+
+`ift-jax predict --init_from=BASE --adapter=NAME=DIR ... --input=FILE` is
+`parse_adapters` + `row_check` (for `evaluator.read_inputs`) + `predict_rows`:
+each row's optional `adapter` field names its adapter, and the rows are
+decoded in input order, `eval.batch_size` rows per batch, whatever their mix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from ift_jax import decoding, peft
+from ift_jax import decoding, errors, evaluation, model_setup, peft, peft_formats, progress, runs
+from ift_jax.data import vocabularies
 from ift_jax.models import t5
 from ift_jax.param_trees import PeftError
 
@@ -188,3 +196,105 @@ def greedy(bank: AdapterBank, encoder_input_tokens: Any,
                              eos_id=eos_id)
     return np.asarray(out)
 
+
+
+# ----------------------------------------------------------------------------
+# `ift-jax predict --init_from=BASE --adapter=NAME=DIR ...`.
+
+
+def parse_adapters(specs: Sequence[str]) -> dict[str, str]:
+    """`{name: dir}` of `--adapter=NAME=DIR` flags, in their order.
+
+    Raises:
+      ConfigError: a flag without `NAME=` or a name given twice.
+    """
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path:
+            raise errors.ConfigError(f"--adapter={spec}: give NAME=DIR, e.g. "
+                                     f"--adapter=summarize=adapters/summarize")
+        if name in adapters:
+            raise errors.ConfigError(f"--adapter name {name!r} is given twice "
+                                     f"({adapters[name]} and {path}); names must be unique")
+        adapters[name] = path
+    return adapters
+
+
+def row_check(names: Sequence[str]) -> Callable[[dict], Optional[str]]:
+    """For `evaluator.read_inputs(check=...)`: a row's `adapter` must be one of `names`,
+    or absent / null (the base model)."""
+    known = ", ".join(names) or "none (add --adapter=NAME=DIR)"
+
+    def check(row: dict) -> Optional[str]:
+        name = row.get("adapter")
+        if name is None or (isinstance(name, str) and name in names):
+            return None
+        if not isinstance(name, str):
+            return f"'adapter' must be an --adapter NAME (a string), not {json.dumps(name)}"
+        return (f"unknown adapter {name!r}; known: {known} (leave 'adapter' out for the "
+                f"base model)")
+    return check
+
+
+def load_bank(init_from: str, adapter_dirs: Mapping[str, str]) -> AdapterBank:
+    """The base of `init_from` (`runs.load_base`) and the HF PEFT adapters in `adapter_dirs`,
+    stacked.
+
+    Raises:
+      CheckpointError: an adapter directory that does not fit the base, naming the
+        adapter, the tensor and both shapes.
+      PeftError: an adapter whose method cannot share a batch (see `AdapterBank.build`).
+    """
+    config, base = runs.load_base(init_from)
+    loaded = {}
+    for name, path in adapter_dirs.items():
+        try:
+            loaded[name] = peft_formats.load_peft(path, config)
+        except errors.CheckpointError as e:
+            raise type(e)(f"--adapter={name}={path}: {e}") from None
+    return AdapterBank.build(config, base, loaded)
+
+
+def decode_rows(bank: AdapterBank, tokens: Sequence[Sequence[int]],
+                adapter_names: Sequence[Optional[str]], *, batch_size: int,
+                max_decode_length: int, eos_id: int = 1) -> list[np.ndarray]:
+    """Greedy tokens of each row of `tokens` with its adapter, `batch_size` rows (of any
+    adapters) per batch, in order; every batch padded to one shape (one program)."""
+    width, size = max(len(t) for t in tokens), min(batch_size, len(tokens))
+    outputs = []
+    for start in progress.track(range(0, len(tokens), size), desc="predict batches",
+                                unit="batch"):
+        batch = np.zeros((size, width), np.int32)
+        for i, ids in enumerate(tokens[start:start + size]):
+            batch[i, :len(ids)] = ids
+        names = list(adapter_names[start:start + size])
+        out = greedy(bank, batch, names + [None] * (size - len(names)),
+                     max_decode_length=max_decode_length, eos_id=eos_id)
+        outputs += list(out[:len(names)])
+    return outputs
+
+
+def predict_rows(config: ml_collections.ConfigDict, adapter_dirs: Mapping[str, str],
+                 rows: Sequence[dict], *, max_decode_length: Optional[int] = None
+                 ) -> list[dict]:
+    """`rows` with a greedy `prediction`, row r decoded with the adapter its `adapter`
+    field names (absent: the base model `config.init_from`).
+
+    Inputs are tokenized with the config's vocabulary (`model_setup.vocabulary_spec`)
+    and cut to `data.inputs_length`; rows go `eval.batch_size` at a time, all padded to
+    one shape, so one program decodes them all (one device).
+    """
+    vocab = vocabularies.make_vocabulary(model_setup.vocabulary_spec(config))
+    bank = load_bank(config.init_from, adapter_dirs)
+    length = config.data.inputs_length
+    outputs = decode_rows(bank, [vocab.encode(r["inputs"])[:length - 1] + [vocab.eos_id]
+                                 for r in rows], [r.get("adapter") for r in rows],
+                          batch_size=config.eval.batch_size, eos_id=vocab.eos_id,
+                          max_decode_length=max_decode_length or config.eval.max_decode_length)
+    predicted = []
+    for row, output in zip(rows, outputs):
+        text, bad = evaluation.decode_tokens(vocab, output)
+        predicted.append({**row, "prediction": text.strip(),
+                          **({"invalid_utf8": True} if bad else {})})
+    return predicted

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny T5 and the README table is built
 from their JSON (no timing asserts: speed is what the scripts measure, not test)."""
 
+import csv
 import json
 import os
 import subprocess
@@ -249,3 +250,33 @@ def test_eval_throughput_measures_both_sides_on_tiny_and_they_agree(results_dir,
     run_script("make_table.py", f"--results_dir={results_dir}", f"--output={readme}")
     rows = [line for line in readme.read_text().splitlines() if line.startswith("| eval: ")]
     assert len(rows) == 2 and all("| tiny |" in r for r in rows)
+
+
+def test_adapter_serving_measures_the_three_ways_on_tiny_and_they_agree(results_dir):
+    run_script("adapter_serving.py", "--preset=tiny", "--requests=8", "--batch=4",
+               "--input_length=12", "--new_tokens=4", "--repeats=1",
+               f"--output_dir={results_dir}")
+    record = read(os.path.join(results_dir, "adapter_serving_tiny_cpu.json"))
+    assert set(record["sides"]) == {"ours_mixed", "ours_separate", "hf_peft_set_adapter"}
+    assert all(side["tokens_per_s"] > 0 for side in record["sides"].values())
+    assert sum(record["adapters"].values()) == 8
+    # The same tokens three ways: per-row gathers, each adapter's own model, HF PEFT.
+    assert record["agreement_with_ours_mixed"] == {"ours_separate": 1.0,
+                                                   "hf_peft_set_adapter": 1.0}
+    assert record["machine"]["cpus"] >= 1
+
+
+def test_peft_tradeoffs_writes_the_table_from_one_measured_method(tmp_path):
+    run_script("peft_tradeoffs.py", "--preset=tiny", "--methods=lora",
+               f"--docs_dir={tmp_path}", f"--output_dir={tmp_path}")
+    record = read(os.path.join(tmp_path, "peft_tradeoffs_tiny.json"))
+    (lora,) = record["methods"]
+    assert lora["method"] == "lora" and 0 < lora["trainable_params"] < lora["total_params"]
+    assert lora["checkpoint_bytes"] > 0 and lora["step_s"] > 0 and lora["peak_rss_bytes"] > 0
+    assert lora["decode_unmerged_s"] > 0 and lora["decode_merged_s"] > 0
+    with open(os.path.join(tmp_path, "peft_tradeoffs.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["method"] == "lora" and rows[0]["eval_metric"] == lora["eval_metric"]
+    with open(os.path.join(tmp_path, "peft_tradeoffs.md")) as f:
+        assert "| lora | " in f.read()
+    assert os.path.getsize(os.path.join(tmp_path, "peft_tradeoffs.png")) > 0

@@ -1,12 +1,15 @@
 """A batch mixing LoRA adapters, soft prompts and the base model decodes, row for row,
 exactly the tokens each adapter decodes alone."""
 
+import json
+
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from ift_jax import decoding, lora, peft, peft_formats, serving
+from ift_jax import cli, decoding, evaluation, evaluator, hf, lora, peft, peft_formats, serving
+from ift_jax.data import vocabularies
 from ift_jax.models import t5
 
 pytestmark = pytest.mark.filterwarnings("ignore:'VariableState' was removed")
@@ -108,3 +111,99 @@ def test_unknown_names_and_unbatchable_methods_are_refused(base, adapters):
                                        {"encoder": {"encoder_norm": {"scale": np.ones(64)}}})
     with pytest.raises(peft.PeftError, match="replaces base weights"):
         serving.AdapterBank.build(TINY, base, {"norms": norms})
+
+
+# ----------------------------------------------------------------------------
+# `ift-jax predict --init_from=BASE --adapter=NAME=DIR ... --input=FILE`.
+
+EXPORTABLE = ("lora_qv", "rslora_all", "prompt_3", "prompt_5")
+TEXTS = ["Summarize: the cat sat.", "Translate: good morning", "yes or no?", "a",
+         "Which word is an animal? otter chair", "Answer briefly: 2 + 2", "hello there",
+         "one more row"]
+FILE_ROWS = [None, "prompt_5", "lora_qv", "rslora_all", "prompt_3", "lora_qv", None, "prompt_5"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, base, adapters):
+    """An HF base directory, the exportable adapters as HF PEFT directories, a mixed file."""
+    root = tmp_path_factory.mktemp("served")
+    hf.save_t5(str(root / "base"), TINY, base)
+    dirs = {}
+    for name in EXPORTABLE:
+        dirs[name] = str(root / name)
+        peft_formats.save_peft(dirs[name], TINY, adapters[name].params, adapters[name].method,
+                               str(root / "base"))
+    lines = [{"inputs": t, **({"adapter": a} if a else {})} for t, a in zip(TEXTS, FILE_ROWS)]
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return root, dirs
+
+
+def _flags(root, dirs):
+    return ["predict", f"--init_from={root / 'base'}", "--vocab=byte",
+            "--max_decode_length=8", *[f"--adapter={n}={d}" for n, d in dirs.items()]]
+
+
+def test_mixed_file_decodes_each_row_as_its_adapter_alone(served, base):
+    root, dirs = served
+    rows = evaluator.read_inputs(str(root / "rows.jsonl"),
+                                 check=serving.row_check(list(dirs)))
+    bank = serving.load_bank(str(root / "base"), dirs)
+    vocab = vocabularies.make_vocabulary("byte")
+    tokens = [vocab.encode(r["inputs"]) + [1] for r in rows]
+    # Batches of 3: each mixes adapters, and the last one is padded with base rows.
+    mixed = serving.decode_rows(bank, tokens, [r.get("adapter") for r in rows], batch_size=3,
+                                max_decode_length=8)
+    loaded = {n: peft_formats.load_peft(d, TINY) for n, d in dirs.items()}
+    width = max(map(len, tokens))  # One shape for every row alone: fewer compilations.
+    for row, ids, got in zip(rows, tokens, mixed):
+        own = alone(base, loaded.get(row.get("adapter")), np.asarray([ids + [0] * (
+            width - len(ids))]))[0]
+        np.testing.assert_array_equal(got, own, err_msg=str(row))
+
+    out = root / "predictions.jsonl"
+    assert cli.main(_flags(root, dirs) + [f"--input={root / 'rows.jsonl'}",
+                                          f"--output={out}"]) == 0
+    predicted = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p.get("adapter") for p in predicted] == FILE_ROWS
+    assert [p["prediction"] for p in predicted] == [
+        evaluation.decode_tokens(vocab, t)[0].strip() for t in mixed]
+
+
+def _one_line_error(capsys, argv, *fragments):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ift-jax predict: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_predict_refuses_bad_adapters_and_rows_in_one_line(served, base, tmp_path, capsys):
+    root, dirs = served
+    flags = _flags(root, dirs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"inputs": "a", "adapter": "lora_qv"}\n\n{"inputs": "b", "adapter": '
+                   '"lora_kv"}\n')
+    _one_line_error(capsys, flags + [f"--input={bad}"], f"{bad}:3: unknown adapter 'lora_kv'; "
+                    "known: lora_qv, rslora_all, prompt_3, prompt_5")
+    rows = f"--input={root / 'rows.jsonl'}"
+    # An adapter of another base: a wider model's LoRA.
+    wide = t5.get_config("tiny", d_model=96, dropout_rate=0.0)
+    method = ADAPTERS["lora_qv"]
+    model, _ = peft.build_models(wide, method)
+    enc = np.ones((1, 4), np.int32)
+    other = peft.init_adapters(model, nn.unbox(t5.Transformer(wide).init(
+        jax.random.key(1), enc, enc)["params"]), jax.random.key(2))
+    peft_formats.save_peft(str(tmp_path / "wide"), wide, other, method, "wide")
+    _one_line_error(capsys, flags + [f"--adapter=wide={tmp_path / 'wide'}", rows],
+                    "--adapter=wide=", "tensor base_model.model.", "SelfAttention.q.lora_A."
+                    "weight has shape (4, 96); this base model needs (4, 64)")
+    # A method that changes the base's layers cannot share a batch.
+    ia3 = peft.MethodConfig("ia3", ia3=peft.IA3Config())
+    peft_formats.save_peft(str(tmp_path / "ia3"), TINY, adapter(base, ia3, 7).params, ia3,
+                           "base")
+    _one_line_error(capsys, flags + [f"--adapter=ia3={tmp_path / 'ia3'}", rows],
+                    "adapter 'ia3' cannot be served in a mixed batch: its method 'ia3' "
+                    "changes the layers")
+    _one_line_error(capsys, flags + ["--adapter=lora_qv=x", rows], "'lora_qv' is given twice")
+    _one_line_error(capsys, ["predict", f"--workdir={tmp_path}", "--adapter=a=b", rows],
+                    "--adapter goes with --init_from")
