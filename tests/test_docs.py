@@ -164,6 +164,12 @@ def _check_config_command(command_argv: list[str]) -> None:
 def _check_ift_jax(argv: list[str]) -> None:
     from ift_jax import cli
     assert argv, "ift-jax without a command"
+    if "--help" in argv or "-h" in argv:  # Help is cheap: run it; it must exit 0.
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = cli.main(argv)
+        assert code == 0 and out.getvalue().startswith("usage: "), out.getvalue()[-2000:]
+        return
     if argv[0] in cli.CONFIG_COMMANDS:
         _check_config_command(argv)
         return
