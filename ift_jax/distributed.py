@@ -7,7 +7,7 @@ worker). Elsewhere set:
 
     IFT_JAX_COORDINATOR=host:port  IFT_JAX_NUM_PROCESSES=N  IFT_JAX_PROCESS_ID=i
 
-(or pass the same as `--coordinator`, `--num_processes`, `--process_id`).
+(or pass the same to `initialize(coordinator=, num_processes=, process_id=)`).
 On CPU, collectives go through gloo.
 
 Decisions every process must take alike (which checkpoints are readable,
@@ -50,7 +50,7 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     if coordinator:
         if num_processes is None or process_id is None:
             raise errors.ConfigError("multi-process run needs IFT_JAX_NUM_PROCESSES and "
-                                     "IFT_JAX_PROCESS_ID (or --num_processes/--process_id) with "
+                                     "IFT_JAX_PROCESS_ID with "
                                      f"the coordinator {coordinator}")
         # Only the CPU client reads this; asking `jax.default_backend()` here
         # would start the backends before `initialize`, which JAX refuses.
