@@ -81,8 +81,7 @@ class Setup:
     def fingerprint(self) -> dict:
         c = self.t5_config
         layout = {"model.scan_layers": True} if c.scan_layers else {}  # Params stacked.
-        return {"architecture": repr(c.replace(dtype=jnp.float32, dropout_rate=0.0,
-                                               remat="none", scan_layers=False)),
+        return {"architecture": _architecture(c),
                 "method": self.method,
                 "trainable_regex": self.config.peft.trainable_regex or "", **layout}
 
@@ -112,6 +111,20 @@ class Setup:
             batch["decoder_target_tokens"], batch.get("encoder_segment_ids"),
             batch.get("decoder_segment_ids"), batch.get("encoder_positions"),
             batch.get("decoder_positions"), enable_dropout=rng is not None, rngs=rngs)
+
+
+# Fields that change neither the function nor the checkpoints' params (the layout of
+# `scan_layers` is a fingerprint entry of its own).
+_NOT_ARCHITECTURE = ("dtype", "dropout_rate", "remat", "scan_layers")
+
+
+def _architecture(c: t5.T5Config) -> str:
+    """`repr` of `c` as it was before `remat` / `scan_layers` existed (fp32, no dropout),
+    so checkpoints written before them still match."""
+    c = c.replace(dtype=jnp.float32, dropout_rate=0.0)
+    fields = ", ".join(f"{f.name}={getattr(c, f.name)!r}" for f in dataclasses.fields(c)
+                       if f.name not in _NOT_ARCHITECTURE[2:])
+    return f"{type(c).__qualname__}({fields})"
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> optim.OptimizerConfig:

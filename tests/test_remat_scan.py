@@ -145,6 +145,9 @@ def test_a_checkpoint_of_the_other_layout_is_refused_naming_scan_layers():
     remat_config = default.get_config()
     remat_config.model.remat = "save_dots"  # Remat keeps the layout: same checkpoints.
     assert model_setup.build(remat_config).fingerprint == unrolled.fingerprint
+    # The architecture entry is spelled as before these keys existed: old checkpoints match.
+    assert "remat" not in unrolled.fingerprint["architecture"]
+    assert "scan_layers" not in unrolled.fingerprint["architecture"]
     with pytest.raises(errors.CheckpointError, match="model.scan_layers=True"):
         scan_layout.check_layout(_params(), True, "init_from")
 
