@@ -75,9 +75,8 @@ class T5Config:
         before the tied projection (T5 v1.0). Kept apart from tying because
         transformers 5.x can build tied models without the scaling.
       dtype: compute dtype (activations, matmuls); params stay `param_dtype`.
-      remat: rematerialization of each layer while training (`layers.REMAT`:
-        none, full, save_dots, or a `jax.checkpoint_policies` name). The
-        same function and params; less activation memory, more compute.
+      remat: rematerialization of each layer while training (`layers.REMAT`, or
+        a `jax.checkpoint_policies` name): less activation memory, more compute.
       scan_layers: each stack runs one compiled layer body over its layers
         (`nn.scan`); the layer params then carry a leading layer axis under
         `encoder/layers/...`, `decoder/layers/...` (`ift_jax.scan_layout`
@@ -256,8 +255,7 @@ def _layer_class(c: T5Config, cls: type, num: int, in_axes: tuple, training: boo
     be taken) and scanned over `num` layers (`c.scan_layers`, params and cache
     stacked on a leading `layers` axis)."""
     if training and c.remat != "none":
-        # Inside a scan the loop already stops XLA from merging the recomputation
-        # with the forward pass, so CSE prevention is not needed there.
+        # In a scan the loop already keeps XLA from merging recomputation and forward.
         cls = nn.remat(cls, policy=layers.remat_policy(c.remat), prevent_cse=not c.scan_layers)
     if not c.scan_layers:
         return cls
