@@ -28,6 +28,11 @@ def get_config(arg=None):
     c.model.num_decoder_layers = 2
     c.model.dropout_rate = 0.0
     c.model.dtype = "float32"  # Compute dtype; params stay float32.
+    # Memory levers (same function and params): rematerialize each layer in the backward
+    # pass (none | full | save_dots | a jax.checkpoint_policies name), and run each stack
+    # as one compiled layer body over stacked layer params (imports/exports stay unrolled).
+    c.model.remat = "none"
+    c.model.scan_layers = False
 
     # Start-up order: resume from the workdir, else init_from (an HF directory or
     # another ift_jax workdir), else from scratch.
@@ -129,6 +134,10 @@ def get_config(arg=None):
     c.peft.lora_use_rslora = False  # rsLoRA: scale alpha / sqrt(r) instead of alpha / r.
     c.peft.lora_use_dora = False  # DoRA: a trained magnitude per output unit (lora only).
     c.peft.qlora_tile_size = 64
+    # Frozen (non-trained) params of PEFT runs on the devices: float32 | bfloat16 (half the
+    # memory; with model.dtype=bfloat16 the computation is unchanged). Trained params and
+    # their optimizer state stay float32.
+    c.peft.frozen_dtype = "float32"
     c.peft.prompt_length = 100
     c.peft.prompt_init = "vocab"  # uniform | vocab | text
     c.peft.prompt_init_text = ""  # For init text: tokenized with the run's vocabulary.

@@ -51,7 +51,8 @@ def get_config(arg=None):
     p = _parse(arg)
     c = default.get_config()
     c.model = default.ml_collections.ConfigDict({"preset": p["size"], "dropout_rate": 0.1,
-                                                 "dtype": "bfloat16"})
+                                                 "dtype": "bfloat16", "remat": "none",
+                                                 "scan_layers": False})
     c.init_from = ""  # Required: the HF FLAN-T5 directory of this size.
     c.data.mixture = TASKS[p["task"]]
     c.data.vocab = ""  # Empty: the spiece.model of init_from.

@@ -542,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--config=FILE[:arg] --workdir=ROOT [--dry_run] [--in_process] "
                    "[--config.a.b=v]",
                    add_help=False)
+    sub.add_parser("plan", help="compile a config's training step ahead of time for a "
+                   "topology and report per-device memory, FLOPs and whether it fits: "
+                   "--config=FILE[:arg] [--mesh=D,F,T] [--devices=N | --topology=v4-8|v4-32|"
+                   "v5e-16|h100|h200]", add_help=False)
 
     info = sub.add_parser(
         "model-info", help="params of a T5 preset or HF checkpoint: shapes, axes, counts",
@@ -563,7 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CONFIG_COMMANDS = ("train", "sweep")
+CONFIG_COMMANDS = ("train", "sweep", "plan")
+PLAN_USAGE = ("usage: ift-jax plan --config=FILE[:arg] [--config.a.b=v ...] "
+              "[--mesh=DATA,FSDP,TENSOR] [--devices=N | --topology=NAME]")
 
 
 def default_config_path() -> str:
@@ -598,6 +604,38 @@ def _train(argv: Sequence[str]) -> int:
         extra["start_over"] = True
     train.train_and_evaluate(parsed.config, parsed.workdir, **extra)
     return 0
+
+
+def _plan(argv: Sequence[str]) -> int:
+    """`ift-jax plan`: the training step compiled ahead of time for a topology."""
+    from ift_jax import plan, run_flags
+    values = {name: a.split("=", 1)[1] for a in argv for name in ("--mesh", "--devices",
+                                                                      "--topology")
+              if a.startswith(name + "=")}
+    rest = [a for a in argv if not a.startswith(("--mesh=", "--devices=", "--topology="))]
+    if run_flags.wants_help(rest):
+        sys.stdout.write(PLAN_USAGE + "\ntopologies: " + ", ".join(
+            f"{t.name} ({t.devices} devices, {t.memory_bytes / plan.GiB:.0f} GiB)"
+            for t in plan.TOPOLOGIES.values()) + "\n")
+        return 0
+    if "--devices" in values and "--topology" in values:
+        raise errors.ConfigError(f"give --devices or --topology, not both; {PLAN_USAGE}")
+    console.setup_logging(console.is_verbose())
+    config = run_flags.parse_train(rest, require_workdir=False).config
+    mesh = None
+    if "--mesh" in values:
+        sizes = values["--mesh"].split(",")
+        if len(sizes) != 3 or not all(s.strip().lstrip("-").isdigit() for s in sizes):
+            raise errors.ConfigError(f"--mesh={values['--mesh']!r} must be three sizes "
+                                     f"DATA,FSDP,TENSOR (one may be -1), e.g. --mesh=1,-1,1")
+        mesh = dict(zip(("data", "fsdp", "tensor"), (int(s) for s in sizes)))
+    devices = values.get("--devices")
+    if devices is not None and not devices.isdigit():
+        raise errors.ConfigError(f"--devices={devices!r} must be a device count, e.g. 8")
+    result = plan.plan(config, devices=int(devices) if devices else None,
+                       topology=values.get("--topology"), mesh_sizes=mesh)
+    print(result.summary())
+    return 0 if result.fits is not False else 1
 
 
 SWEEP_FLAGS = ("--dry_run", "--in_process")
@@ -680,7 +718,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     use_compilation_cache()
     if argv and argv[0] in CONFIG_COMMANDS:
         try:
-            return (_train if argv[0] == "train" else _sweep)(argv[1:])
+            return {"train": _train, "sweep": _sweep, "plan": _plan}[argv[0]](argv[1:])
         except USER_ERRORS as e:
             print(f"ift-jax {argv[0]}: error: {e}", file=sys.stderr)
             return 2

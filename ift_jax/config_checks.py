@@ -24,12 +24,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from ift_jax import best, losses, optim, peft
 from ift_jax.errors import ConfigError
-from ift_jax.models import t5
+from ift_jax.models import layers, t5
 
 _MISSING = object()
 MESH_AXES = ("data", "fsdp", "tensor")
 DTYPES = ("float32", "bfloat16", "float16")
 HOST_SHARDINGS = ("examples", "global_batch")
+FROZEN_DTYPES = ("float32", "bfloat16")
 # Schedules that ramp up over `warmup_steps` before reaching the learning rate.
 _RAMPED = ("linear_warmup", "cosine", "linear_decay")
 
@@ -96,6 +97,11 @@ def _shot_list(key: str, value: Any) -> None:
                     f"set --config.{key}=0,1,3 (or empty for none)")
 
 
+def _boolean(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _fail(key, value, "must be True or False", f"set --config.{key}=True")
+
+
 RULES: dict[str, Callable[[str, Any], None]] = {
     # 0: no training, only the starting model's evaluation (see _check_zero_steps).
     "train.steps": _int_at_least(0, "optimizer steps to train"),
@@ -138,6 +144,9 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "peft.prompt_init": _one_of(peft.PROMPT_INITS),
     "model.dropout_rate": _number(0.0, 1.0, high_open=True),
     "model.dtype": _one_of(DTYPES),
+    "model.remat": _one_of(tuple(layers.remat_names())),
+    "model.scan_layers": _boolean,
+    "peft.frozen_dtype": _one_of(FROZEN_DTYPES),
     "device_peak_flops": _number(0.0, what="0 = unknown, no MFU"),
     **{f"model.{k}": _int_at_least(1, "model size") for k in (
         "vocab_size", "d_model", "d_ff", "num_heads", "d_kv", "num_layers",

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import jax
 import numpy as np
 
-from ift_jax import errors
+from ift_jax import errors, scan_layout
 from ift_jax.models.t5 import T5Config
 
 SAFETENSORS = "model.safetensors"
@@ -303,7 +303,8 @@ def load_t5(hf_dir: str, **config_overrides) -> tuple[T5Config, dict]:
 
     Returns:
       `(config, params)`: params is the `params` collection of
-      `Transformer(config)` as host numpy arrays in `config.param_dtype`, ready
+      `Transformer(config)` (layers stacked if `scan_layers=True` is among the
+      overrides) as host numpy arrays in `config.param_dtype`, ready
       for `jax.device_put` with shardings.
 
     Raises:
@@ -338,7 +339,7 @@ def load_t5(hf_dir: str, **config_overrides) -> tuple[T5Config, dict]:
                 f"{hf_dir}: tensor {t.hf_name} has shape {tuple(value.shape)}, "
                 f"config.json implies {t.hf_shape}")
         _set(params, t.path, np.ascontiguousarray(t.to_ours(value.astype(dtype))))
-    return config, params
+    return config, scan_layout.to_layout(params, config.scan_layers)
 
 
 def save_t5(out_dir: str, config: T5Config, params: dict, *, dtype: Any = np.float32) -> None:
@@ -346,11 +347,13 @@ def save_t5(out_dir: str, config: T5Config, params: dict, *, dtype: Any = np.flo
 
     Args:
       params: the `params` collection of `Transformer(config)` (jax or numpy
-        arrays, fully addressable from this process).
+        arrays, fully addressable from this process); a scanned stack
+        (`model.scan_layers`) is written one block per layer.
       dtype: dtype of the stored tensors (fp32 by default, as FLAN-T5 ships).
     """
     from safetensors.numpy import save_file
     table = tensor_map(config)
+    params = scan_layout.to_layout(params, False)  # HF's layout: one block per layer.
     tensors = {}
     for t in table:
         try:

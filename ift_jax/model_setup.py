@@ -27,7 +27,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from ift_jax import errors, fileio, lora, model_info, optim, param_trees, partitioning, peft
+from ift_jax import (errors, fileio, lora, model_info, optim, param_trees, partitioning, peft,
+                     scan_layout)
 from ift_jax.models import additions, t5
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -79,9 +80,10 @@ class Setup:
     @property
     def fingerprint(self) -> dict:
         c = self.t5_config
-        return {"architecture": repr(c.replace(dtype=jnp.float32, dropout_rate=0.0)),
+        layout = {"model.scan_layers": True} if c.scan_layers else {}  # Params stacked.
+        return {"architecture": _architecture(c),
                 "method": self.method,
-                "trainable_regex": self.config.peft.trainable_regex or ""}
+                "trainable_regex": self.config.peft.trainable_regex or "", **layout}
 
     def checkpoint_meta(self) -> dict:
         return {"fingerprint": self.fingerprint, "init_from": self.config.init_from or ""}
@@ -109,6 +111,20 @@ class Setup:
             batch["decoder_target_tokens"], batch.get("encoder_segment_ids"),
             batch.get("decoder_segment_ids"), batch.get("encoder_positions"),
             batch.get("decoder_positions"), enable_dropout=rng is not None, rngs=rngs)
+
+
+# Fields that change neither the function nor the checkpoints' params (the layout of
+# `scan_layers` is a fingerprint entry of its own).
+_NOT_ARCHITECTURE = ("dtype", "dropout_rate", "remat", "scan_layers")
+
+
+def _architecture(c: t5.T5Config) -> str:
+    """`repr` of `c` as it was before `remat` / `scan_layers` existed (fp32, no dropout),
+    so checkpoints written before them still match."""
+    c = c.replace(dtype=jnp.float32, dropout_rate=0.0)
+    fields = ", ".join(f"{f.name}={getattr(c, f.name)!r}" for f in dataclasses.fields(c)
+                       if f.name not in _NOT_ARCHITECTURE[2:])
+    return f"{type(c).__qualname__}({fields})"
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> optim.OptimizerConfig:
@@ -236,7 +252,10 @@ def build(config: ml_collections.ConfigDict,
                          f"loaded: build the setup with ift_jax.runs.build_setup(config)")
     if base is not None:
         loaded, init_params = base
-        arch = loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate)
+        arch = loaded.replace(dtype=arch.dtype, dropout_rate=arch.dropout_rate,
+                              remat=arch.remat, scan_layers=arch.scan_layers)
+        # Bases come unrolled (HF, t5x) or from a run of either layout: convert.
+        init_params = scan_layout.to_layout(init_params, arch.scan_layers)
     method = config.peft.method
     method_cfg = method_config(config.peft, method, functools.partial(vocabulary_spec, config))
     model, eval_model = peft.build_models(arch, method_cfg)
@@ -363,9 +382,10 @@ def initialize(setup: Setup, mesh: jax.sharding.Mesh, *, restoring: bool = False
     if not _base_covers(setup, params) and not (restoring and _all_trainable(mask)):
         params = partitioning.sharded_init(init_fn, rng, mesh)[0]["params"]
     if setup.config.init_from:
-        params = _with_base(setup, params, param_shardings)
+        params = _with_base(setup, params, param_shardings, mask)
     trainable, frozen = peft.split_params(params, mask)
     trainable_sh, frozen_sh = peft.split_params(param_shardings, mask)
+    frozen = _cast_frozen_on_devices(frozen, frozen_dtype(setup), frozen_sh)
     trainable_abstract = jax.tree.map(_abstract, trainable, trainable_sh)
     with partitioning.mesh_context(mesh):
         init_optimizer = jax.jit(setup.optimizer.init).lower(trainable_abstract).compile()
@@ -419,14 +439,60 @@ def _base_covers(setup: Setup, abstract_params: Any) -> bool:
     return all(k in loaded for k in traverse_util.flatten_dict(abstract_params))
 
 
-def _with_base(setup: Setup, params: Any, shardings: Any) -> Any:
+def _with_base(setup: Setup, params: Any, shardings: Any, mask: Any) -> Any:
     """The run's params with the `init_from` base weights (frozen params of PEFT runs
     come from here on every start, as checkpoints hold only the trainable part)."""
     if setup.method == "full":
         return _overlay(params, setup.init_params, shardings)
-    full = peft.init_adapters(setup.model, setup.init_params,
-                              jax.random.key(setup.config.train.seed), setup.prompt_config)
-    return jax.device_put(full, shardings)
+    return jax.device_put(init_adapters(setup, mask), shardings)
+
+
+def init_adapters(setup: Setup, mask: Any = None) -> dict:
+    """`peft.init_adapters` of the run's base: the adapters a scanned run starts
+    with are those of the unrolled model, stacked (the same values either way).
+    With `mask` (`trainable_mask`), frozen base leaves are cast to `peft.frozen_dtype`
+    on the host first, so no float32 copy of them reaches a device."""
+    rng = jax.random.key(setup.config.train.seed)
+    base = setup.init_params
+    if mask is not None:
+        base = _cast_frozen_on_host(base, scan_layout.to_layout(
+            param_trees.unbox(mask), scan_layout.is_scanned(base)), frozen_dtype(setup))
+    if not setup.t5_config.scan_layers:
+        return peft.init_adapters(setup.model, base, rng, setup.prompt_config)
+    unrolled, _ = peft.build_models(setup.t5_config.replace(scan_layers=False),
+                                    setup.method_config)
+    base = scan_layout.to_layout(base, False)
+    return scan_layout.stack(peft.init_adapters(unrolled, base, rng, setup.prompt_config))
+
+
+def frozen_dtype(setup: Setup) -> Any:
+    """`peft.frozen_dtype`: the dtype frozen float params are kept in on the devices."""
+    return _DTYPES[setup.config.peft.get("frozen_dtype", "float32")]
+
+
+def _castable(leaf: Any, dtype: Any) -> bool:
+    """Float leaves not yet in `dtype`; QLoRA's quantized kernels keep their own form."""
+    return (not param_trees.is_quantized(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
+            and leaf.dtype != dtype)
+
+
+def _cast_frozen_on_host(base: dict, mask: dict, dtype: Any) -> dict:
+    flat, flat_mask = param_trees.flatten(base), param_trees.flatten(mask)
+    return param_trees.unflatten({
+        k: np.asarray(v).astype(dtype) if not flat_mask.get(k, True) and _castable(v, dtype)
+        else v for k, v in flat.items()})
+
+
+def _cast_frozen_on_devices(frozen: dict, dtype: Any, shardings: dict) -> dict:
+    """Frozen params in `dtype` (the float32 arrays are donated, so freed)."""
+    flat = param_trees.flatten(frozen)
+    cast = {k: v for k, v in flat.items() if _castable(v, dtype)}
+    if not cast:
+        return frozen
+    flat_sh = param_trees.flatten(shardings)
+    done = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t),
+                   out_shardings={k: flat_sh[k] for k in cast}, donate_argnums=0)(cast)
+    return param_trees.unflatten({**flat, **done})
 
 
 def _overlay(params: Any, loaded: dict, shardings: Any) -> Any:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ift_jax import errors
+
 Array = jax.Array
 DType = Any
 
@@ -31,6 +33,33 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
 }
+
+
+# `model.remat` names besides the `jax.checkpoint_policies` that take no arguments.
+# full: save nothing, recompute each layer's forward pass in the backward pass;
+# save_dots: keep the projections' outputs (dots without batch dims, as t5x's
+# "minimal" remat), recompute the rest (attention scores, activations, norms).
+REMAT = {"none": None, "full": None,
+         "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_POLICY_FACTORIES = ("save_and_offload_only_these_names", "save_any_names_but_these",
+                     "save_anything_except_these_names", "save_from_both_policies",
+                     "save_only_these_names", "offload_dot_with_no_batch_dims")
+
+
+def remat_names() -> list[str]:
+    policies = [n for n in dir(jax.checkpoint_policies)
+                if not n.startswith("_") and n not in _POLICY_FACTORIES]
+    return list(REMAT) + policies
+
+
+def remat_policy(name: str) -> Optional[Callable]:
+    """The `jax.checkpoint` policy of `model.remat=name` (None: save nothing)."""
+    if name in REMAT:
+        return REMAT[name]
+    if name not in remat_names():
+        raise errors.ConfigError(f"model.remat={name!r} is not a remat policy; set "
+                                 f"--config.model.remat to one of {', '.join(remat_names())}")
+    return getattr(jax.checkpoint_policies, name)
 
 
 def param_init(init: Callable, axes: tuple[Optional[str], ...]) -> Callable:

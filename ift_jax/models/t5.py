@@ -75,6 +75,12 @@ class T5Config:
         before the tied projection (T5 v1.0). Kept apart from tying because
         transformers 5.x can build tied models without the scaling.
       dtype: compute dtype (activations, matmuls); params stay `param_dtype`.
+      remat: rematerialization of each layer while training (`layers.REMAT`, or
+        a `jax.checkpoint_policies` name): less activation memory, more compute.
+      scan_layers: each stack runs one compiled layer body over its layers
+        (`nn.scan`); the layer params then carry a leading layer axis under
+        `encoder/layers/...`, `decoder/layers/...` (`ift_jax.scan_layout`
+        converts to and from the t5x/HF `layers_N` layout).
     """
 
     vocab_size: int = 32128
@@ -93,11 +99,14 @@ class T5Config:
     scale_decoder_outputs: bool = False
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         _ = self.activations  # validates feed_forward_proj early
+        layers.remat_policy(self.remat)  # validates remat early
 
     @property
     def is_gated(self) -> bool:
@@ -183,13 +192,18 @@ PrefixKV = Optional[tuple[Array, Array]]
 
 
 class EncoderLayer(nn.Module):
+    """One encoder block. Flags are attributes and every input positional, so the
+    class can be wrapped in `nn.remat` / `nn.scan` (`scanned`: returns `(x, None)`,
+    the shape of a scan body)."""
+
     config: T5Config
     extra: Additions = Additions()
+    deterministic: bool = True
+    scanned: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array, *, deterministic: bool,
-                 prefix_kv: PrefixKV = None) -> Array:
-        c, extra = self.config, self.extra
+    def __call__(self, x: Array, bias: Array, prefix_kv: PrefixKV = None) -> Any:
+        c, extra, deterministic = self.config, self.extra, self.deterministic
         y = _layer_norm(c, "pre_attention_layer_norm")(x)
         y = _attention(c, extra, "attention")(y, y, bias, deterministic=deterministic,
                                               prefix_kv=prefix_kv)
@@ -197,18 +211,25 @@ class EncoderLayer(nn.Module):
         x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
         y = _layer_norm(c, "pre_mlp_layer_norm")(x)
         y = _adapted(c, extra, "mlp", "mlp", _mlp(c, extra)(y, deterministic=deterministic))
-        return layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
+    """One decoder block; flags are attributes, as `EncoderLayer`'s."""
+
     config: T5Config
     extra: Additions = Additions()
+    deterministic: bool = True
+    decode: bool = False
+    scanned: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array, *,
-                 deterministic: bool, decode: bool, cache_index: Optional[Array],
-                 self_prefix: PrefixKV = None, cross_prefix: PrefixKV = None) -> Array:
+    def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+                 cache_index: Optional[Array] = None, self_prefix: PrefixKV = None,
+                 cross_prefix: PrefixKV = None) -> Any:
         c, extra = self.config, self.extra
+        deterministic, decode = self.deterministic, self.decode
         y = _layer_norm(c, "pre_self_attention_layer_norm")(x)
         y = _attention(c, extra, "self_attention")(
             y, y, self_bias, deterministic=deterministic, decode=decode,
@@ -225,7 +246,30 @@ class DecoderLayer(nn.Module):
         x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
         y = _layer_norm(c, "pre_mlp_layer_norm")(x)
         y = _adapted(c, extra, "mlp", "mlp", _mlp(c, extra)(y, deterministic=deterministic))
-        return layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        x = layers.constrain(x + _dropout(c, y, deterministic), _EMBED_AXES)
+        return (x, None) if self.scanned else x
+
+
+def _layer_class(c: T5Config, cls: type, num: int, in_axes: tuple, training: bool) -> type:
+    """`cls` as the stack runs it: rematerialized (`c.remat`, only when gradients can
+    be taken) and scanned over `num` layers (`c.scan_layers`, params and cache
+    stacked on a leading `layers` axis)."""
+    if training and c.remat != "none":
+        # In a scan the loop already keeps XLA from merging recomputation and forward.
+        cls = nn.remat(cls, policy=layers.remat_policy(c.remat), prevent_cse=not c.scan_layers)
+    if not c.scan_layers:
+        return cls
+    return nn.scan(cls, variable_axes={"params": 0, "cache": 0},
+                   split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
+                   length=num, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def _stacked_prefix(table: Optional[Array], slots: dict, block: str, num: int) -> PrefixKV:
+    """Per-layer prefix keys and values stacked on a leading layer axis (scan input)."""
+    pairs = [_prefix_for(table, slots, block, i) for i in range(num)]
+    if pairs[0] is None:
+        return None
+    return tuple(jnp.stack([p[j] for p in pairs]) for j in range(2))
 
 
 # ----------------------------------------------------------------------------
@@ -307,10 +351,14 @@ class Encoder(nn.Module):
         if prefix_table is not None and ("encoder", 0) in slots:
             bias = additions_lib.with_prefix_columns(bias, additions_lib.prefix_bias(
                 relpos, pos, prefix_table.shape[0]))
-        for i in range(c.num_layers):
-            x = EncoderLayer(c, self.extra, name=f"layers_{i}")(
-                x, bias, deterministic=deterministic,
-                prefix_kv=_prefix_for(prefix_table, slots, "encoder", i))
+        layer = _layer_class(c, EncoderLayer, c.num_layers, (nn.broadcast, 0),
+                             training=not deterministic)
+        if c.scan_layers:
+            x, _ = layer(c, self.extra, deterministic, scanned=True, name="layers")(
+                x, bias, _stacked_prefix(prefix_table, slots, "encoder", c.num_layers))
+        for i in range(0 if c.scan_layers else c.num_layers):
+            x = layer(c, self.extra, deterministic, name=f"layers_{i}")(
+                x, bias, _prefix_for(prefix_table, slots, "encoder", i))
         x = _layer_norm(c, "encoder_norm")(x)
         return layers.constrain(_dropout(c, x, deterministic), _EMBED_AXES)
 
@@ -362,12 +410,19 @@ class Decoder(nn.Module):
 
         x = self.embedder(tokens_BxL).astype(c.dtype)
         x = layers.constrain(_dropout(c, x, deterministic), _EMBED_AXES)
-        for i in range(c.num_decoder_layers):
-            x = DecoderLayer(c, self.extra, name=f"layers_{i}")(
-                x, encoded, self_bias, cross_bias, deterministic=deterministic,
-                decode=decode, cache_index=cache_index,
-                self_prefix=_prefix_for(prefix_table, slots, "decoder", i),
-                cross_prefix=_prefix_for(prefix_table, slots, "cross", i))
+        n = c.num_decoder_layers
+        layer = _layer_class(c, DecoderLayer, n, (nn.broadcast,) * 4 + (0, 0),
+                             training=not (deterministic or decode))
+        if c.scan_layers:
+            x, _ = layer(c, self.extra, deterministic, decode, scanned=True, name="layers")(
+                x, encoded, self_bias, cross_bias, cache_index,
+                _stacked_prefix(prefix_table, slots, "decoder", n),
+                _stacked_prefix(prefix_table, slots, "cross", n))
+        for i in range(0 if c.scan_layers else n):
+            x = layer(c, self.extra, deterministic, decode, name=f"layers_{i}")(
+                x, encoded, self_bias, cross_bias, cache_index,
+                _prefix_for(prefix_table, slots, "decoder", i),
+                _prefix_for(prefix_table, slots, "cross", i))
         x = _layer_norm(c, "decoder_norm")(x)
         x = _dropout(c, x, deterministic)
         return self._logits(x)
@@ -385,6 +440,8 @@ class Decoder(nn.Module):
 
     def _cache_length(self) -> int:
         cache = self.scope.variables()["cache"]
+        if self.config.scan_layers:  # [layers, batch, length, heads, kv]
+            return cache["layers"]["self_attention"]["cached_key"].shape[2]
         return cache["layers_0"]["self_attention"]["cached_key"].shape[1]
 
     def _logits(self, x_BxLxD: Array) -> Array:
@@ -536,6 +593,8 @@ def select_cache_rows(cache: dict, rows: Array) -> dict:
     inputs, whose beams keep sharing them whichever survive.
     """
     def select(path, x):
-        in_self_attention = any(getattr(k, "key", None) == "self_attention" for k in path)
-        return x[rows] if in_self_attention else x
+        keys = [getattr(k, "key", None) for k in path]
+        if "self_attention" not in keys:
+            return x
+        return x[:, rows] if "layers" in keys else x[rows]  # Scanned: [layers, batch, ...].
     return jax.tree_util.tree_map_with_path(select, cache)

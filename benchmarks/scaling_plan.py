@@ -1,0 +1,150 @@
+"""The scaling table of docs/scaling.md: `ift-jax plan` over FLAN-T5 sizes, methods and
+topologies, with the memory levers off and on.
+
+    python benchmarks/scaling_plan.py [--sizes=base,large,xl,xxl]
+        [--methods=full,lora,qlora,prompt] [--topologies=v4-8,v4-32,v5e-16,h100]
+        [--budget_s=1200] [--output_dir=benchmarks/results] [--doc=docs/scaling.md]
+
+Every cell is compiled (abstract weights, fake CPU devices; one subprocess per
+topology, `ift_jax.plan`), never typed. Rows are planned in order until
+`--budget_s` of wall time is spent; the rest are listed as not planned, with why.
+Levers: `off` = no remat, unrolled layers, frozen weights in float32; `on` =
+`model.remat=full`, `model.scan_layers=True`, `peft.frozen_dtype=bfloat16`.
+Settings of every cell: configs/flan_t5.py (task multitask: batch 32, 512 input
+and 128 target tokens, bf16 compute), mesh data=1, fsdp=all devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import results_file  # benchmarks/ is the script's folder, on sys.path.
+from ift_jax import plan
+from ift_jax.configs import flan_t5
+
+GiB = 1024 ** 3
+LEVERS = {"off": dict(remat="none", scan_layers=False, frozen_dtype="float32"),
+          "on": dict(remat="full", scan_layers=True, frozen_dtype="bfloat16")}
+
+
+def _config(size: str, method: str, levers: str) -> dict:
+    c = flan_t5.get_config(f"size={size},method={method},task=multitask")
+    lever = LEVERS[levers]
+    c.model.remat, c.model.scan_layers = lever["remat"], lever["scan_layers"]
+    c.peft.frozen_dtype = lever["frozen_dtype"]
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    return c.to_dict()
+
+
+def _plan_topology(name: str, cells: list, deadline: float) -> list:
+    """Plans `cells` [(size, method, levers)] on topology `name` until `deadline`."""
+    top = plan.TOPOLOGIES[name]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={top.devices}")
+    request = json.dumps({"configs": [_config(*cell) for cell in cells], "mesh": None})
+    proc = subprocess.Popen([sys.executable, "-m", "ift_jax.plan"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
+    proc.stdin.write(request)
+    proc.stdin.close()
+    rows = []
+    for cell in cells:
+        line = proc.stdout.readline() if time.monotonic() < deadline else ""
+        if not line:
+            break
+        result = json.loads(line)
+        size, method, levers = cell
+        # Plan's own `levers` (hints when it does not fit) keep their name in `hints`.
+        result["hints"] = result.pop("levers", [])
+        row = {**result, "size": size, "method": method, "levers": levers, "topology": name,
+               "memory_bytes": top.memory_bytes}
+        if "error" not in result:
+            row["fits"] = result["peak_bytes"] <= top.memory_bytes
+        rows.append(row)
+        print(json.dumps({k: row.get(k) for k in ("size", "method", "levers", "topology",
+                                                    "peak_bytes", "compile_s", "error")}),
+              flush=True)
+    proc.kill()
+    proc.wait()
+    return rows
+
+
+def _gib(b) -> str:
+    return f"{b / GiB:.1f}"
+
+
+def table(rows: list) -> str:
+    lines = ["| model | method | levers | topology | params | opt. state | activations+temp "
+             "| peak (GiB/device) | fits | TFLOP/step/device | compile (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['method']} | {r['levers']} | {r['topology']} "
+                         f"| error: {r['error']} |||||||")
+            continue
+        fits = "yes" if r["fits"] else f"no (+{_gib(r['peak_bytes'] - r['memory_bytes'])})"
+        lines.append(
+            f"| {r['size']} | {r['method']} | {r['levers']} | {r['topology']} "
+            f"| {_gib(r['params_bytes'])} | {_gib(r['optimizer_bytes'])} "
+            f"| {_gib(r['activations_bytes'])} | {_gib(r['peak_bytes'])} | {fits} "
+            f"| {r['flops'] / 1e12:.1f} | {r['compile_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="base,large,xl,xxl")
+    parser.add_argument("--methods", default="full,lora,qlora,prompt")
+    parser.add_argument("--topologies", default="v4-8,v4-32,v5e-16,h100")
+    parser.add_argument("--levers", default="off,on")
+    parser.add_argument("--budget_s", type=float, default=1200.0)
+    parser.add_argument("--output_dir", default="benchmarks/results")
+    parser.add_argument("--doc", default="docs/scaling.md")
+    args = parser.parse_args(argv)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    cells = [(s, m, lv) for s in split(args.sizes) for m in split(args.methods)
+             for lv in split(args.levers)]
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    rows, missing = [], []
+    for name in split(args.topologies):
+        done = _plan_topology(name, cells, deadline) if time.monotonic() < deadline else []
+        rows += done
+        missing += [(*cell, name) for cell in cells[len(done):]]
+    record = {"rows": rows, "not_planned": [dict(zip(("size", "method", "levers", "topology"),
+                                                     m)) for m in missing],
+              "budget_s": args.budget_s, "wall_s": round(time.monotonic() - start, 1),
+              "machine": f"{os.cpu_count()} CPU cores (fake devices)"}
+    path = results_file.write(record, args.output_dir, "scaling_plan", "scaling_plan.py",
+                              argv, quiet=True)
+    with open(path) as f:
+        record = json.load(f)  # With the date and command the results file adds.
+    _write_doc(args.doc, table(rows), missing, record)
+    return 0
+
+
+def _write_doc(path: str, text: str, missing: list, record: dict) -> None:
+    """Replaces the generated part of the doc (between the markers) with the table."""
+    begin, end = "<!-- scaling_plan:begin -->", "<!-- scaling_plan:end -->"
+    note = (f"\n\nNot planned within the {record['budget_s']:.0f} s budget "
+            f"({len(missing)} cells): " + ", ".join(f"{s}/{m}/{lv}/{t}" for s, m, lv, t in
+                                                     missing) if missing else "")
+    generated = (f"{begin}\nGenerated by `{record['command']}` on {record['date']} "
+                 f"({record['machine']}, {record['wall_s']:.0f} s).\n\n{text}{note}\n{end}")
+    with open(path) as f:
+        doc = f.read()
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin)] + generated + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + generated + "\n"
+    with open(path, "w") as f:
+        f.write(doc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
