@@ -24,13 +24,11 @@ import json
 import logging
 import os
 import resource
-import signal
-import subprocess
 import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from ift_jax import config_diff, errors, fileio, study_pages
+from ift_jax import config_diff, errors, fileio, study_pages, sweeps
 from ift_jax import studies
 from ift_jax.studies import plans
 
@@ -103,7 +101,7 @@ def run_step(step: plans.Step, in_process: Optional[InProcess] = None) -> dict:
     if in_process:
         code, stopped = in_process(step.argv), False
     else:
-        code, stopped = _run_process([sys.executable, "-m", "ift_jax", *step.argv])
+        code, stopped = sweeps.run_point([sys.executable, "-m", "ift_jax", *step.argv])
     row.update({"wall_s": round(time.perf_counter() - wall, 1),
                 "cpu_s": round(_cpu_seconds(who) - cpu, 1), "exit_code": code,
                 "stopped": stopped, "load_after": os.getloadavg()[0],
@@ -113,25 +111,6 @@ def run_step(step: plans.Step, in_process: Optional[InProcess] = None) -> dict:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _run_process(argv: list[str]) -> tuple[int, bool]:
-    """Runs `argv`; SIGTERM/SIGINT go on to it. Returns (exit code, whether a signal came)."""
-    stopped = []
-    child = subprocess.Popen(argv)
-
-    def forward(signum, frame):
-        del frame
-        stopped.append(signum)
-        child.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        code = child.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return code, bool(stopped)
 
 
 def _append_timing(root: str, row: dict) -> None:

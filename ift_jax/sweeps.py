@@ -176,7 +176,7 @@ def run(config_spec: str, root: str, extra: Sequence[str] = (), dry_run: bool = 
         if in_process:
             code, stopped = in_process(argv[1:]), False
         else:
-            code, stopped = _run_point([sys.executable, "-m", "ift_jax", *argv[1:]])
+            code, stopped = run_point([sys.executable, "-m", "ift_jax", *argv[1:]])
         if stopped:  # Preempted: the point saved a checkpoint; a re-run resumes it.
             logging.warning("sweep stopped by a signal during point %s", name)
             break
@@ -188,7 +188,7 @@ def run(config_spec: str, root: str, extra: Sequence[str] = (), dry_run: bool = 
     return failed
 
 
-def _run_point(argv: list[str]) -> tuple[int, bool]:
+def run_point(argv: list[str]) -> tuple[int, bool]:
     """Runs one point; SIGTERM/SIGINT are passed on to it (it checkpoints and exits)
     and end the sweep. Returns (exit code, whether a signal came)."""
     stopped = []

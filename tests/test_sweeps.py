@@ -59,11 +59,11 @@ def _rows(path):
 
 def test_a_point_process_reports_its_exit_code():
     import sys
-    assert sweeps._run_point([sys.executable, "-c", "raise SystemExit(3)"]) == (3, False)
+    assert sweeps.run_point([sys.executable, "-c", "raise SystemExit(3)"]) == (3, False)
 
 
 # In process: the same points and files as with a process per point, without the
-# ~8 s start-up of each (`sweeps._run_point` is the process path).
+# ~8 s start-up of each (`sweeps.run_point` is the process path).
 # The methods' sweep runs four of its points (`--points`): each method trains on its
 # own in test_train_peft_methods.py; here the sweep machinery is what is tested.
 @pytest.mark.parametrize("config, names, points", [
