@@ -133,10 +133,10 @@ def test_prompt_tuning_peer_trains_one_encoder_prompt_equal_to_ours(tmp_path):
     np.testing.assert_array_equal(trainable[0].detach().numpy(), prompt)
 
 
-def test_run_all_dry_run_lists_the_four_benchmarks():
+def test_run_all_dry_run_lists_the_five_benchmarks():
     out = run_script("run_all.py", "--dry_run", "--presets=small").stdout.splitlines()
     assert [os.path.basename(line.split()[1]) for line in out] == [
-        "train_throughput.py", "packing.py", "decoding.py", "startup.py"]
+        "train_throughput.py", "packing.py", "decoding.py", "eval_throughput.py", "startup.py"]
 
 
 def _throughput_jobs(argv):

@@ -150,6 +150,13 @@ def _check_config_command(command_argv: list[str]) -> None:
     if name == "train":
         cli._parse_config_flags("train", [a for a in argv if a != "--dry_run"])
         return
+    if name == "plan":  # Parse only: compiling an XL step here would take minutes.
+        from ift_jax import plan, run_flags
+        topology = [a.split("=", 1)[1] for a in argv if a.startswith("--topology=")]
+        assert all(t in plan.TOPOLOGIES for t in topology), (topology, list(plan.TOPOLOGIES))
+        run_flags.parse_train([a for a in argv if not a.startswith(
+            ("--mesh=", "--devices=", "--topology="))], require_workdir=False)
+        return
     spec = next(a[len("--config="):] for a in argv if a.startswith("--config="))
     assert sweeps.load_points(spec)
     # An empty local root: the dry run then reads nothing (gs:// roots included).
