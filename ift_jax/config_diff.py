@@ -13,6 +13,12 @@ line that lists the changes and the flag that accepts them:
 An allowed entry names a key (`train.steps`) or a whole section (`eval` allows
 every `eval.*`). Values are compared as `config.json` stores them (JSON), so a
 tuple and a list with the same items are equal.
+
+A key the saved config lacks because it was added to ift_jax after the run
+started is no change when it holds its default: a new key's default is the old
+behaviour (`configs/default.py` keeps that promise), so a run started before
+`model.remat` existed resumes with `model.remat="none"` without a flag. Given a
+non-default value, it is a change like any other.
 """
 
 from __future__ import annotations
@@ -58,17 +64,27 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def diff(saved: Mapping[str, Any], new: Any) -> list[Change]:
+def diff(saved: Mapping[str, Any], new: Any, defaults: Any = None) -> list[Change]:
     """Every field whose value differs, sorted by key.
 
     Args:
       saved: the workdir's `config.json`, as loaded by `json.load`.
       new: the relaunch's ConfigDict (or a mapping like `saved`).
+      defaults: the default config (a ConfigDict or mapping); a key absent from
+        `saved` whose new value equals its default here is no change (a key added to
+        ift_jax since the run started). None: every absent key is a change.
     """
     old_flat, new_flat = flatten(as_json_dict(saved)), flatten(as_json_dict(new))
+    default_flat = flatten(as_json_dict(defaults)) if defaults is not None else {}
+
+    def added_at_default(key: str) -> bool:
+        return (key not in old_flat and key in default_flat
+                and new_flat.get(key, ABSENT) == default_flat[key])
+
     return [Change(key, old_flat.get(key, ABSENT), new_flat.get(key, ABSENT))
             for key in sorted(set(old_flat) | set(new_flat))
-            if old_flat.get(key, ABSENT) != new_flat.get(key, ABSENT)]
+            if old_flat.get(key, ABSENT) != new_flat.get(key, ABSENT)
+            and not added_at_default(key)]
 
 
 def is_allowed(key: str, allowed: Sequence[str]) -> bool:

@@ -34,6 +34,7 @@ import numpy as np
 from ift_jax import (best, checkpointing, config_checks, config_diff, distributed, errors,
                      evaluator, fileio, inference, model_setup, partitioning, preemption,
                      run_lock, runs, set_aside, suites)
+from ift_jax.configs import default as default_config
 from ift_jax.train_step import (  # noqa: F401  (the step's public names, also here)
     TrainState, global_batches, jit_train_step, train_step)
 
@@ -156,7 +157,7 @@ def _config_changes(config: ml_collections.ConfigDict, workdir: str, setup, ckpt
     if not fileio.exists(path):
         return []
     with fileio.open(path) as f:
-        changes = config_diff.diff(json.load(f), config)
+        changes = config_diff.diff(json.load(f), config, defaults=default_config.get_config())
     config_diff.check(changes, allowed, workdir)
     return changes
 

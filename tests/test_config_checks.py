@@ -120,6 +120,20 @@ def test_diff_lists_changed_added_and_removed_fields():
     assert config_diff.diff(saved, saved) == [] and config_diff.diff(_saved(new), new) == []
 
 
+def test_a_key_added_since_the_run_started_is_no_change_at_its_default():
+    saved = _saved(default.get_config())
+    del saved["model"]["remat"]  # A run saved before model.remat existed.
+    del saved["train"]["early_stopping"]
+    defaults = default.get_config()
+    assert config_diff.diff(saved, default.get_config(), defaults) == []
+    changes = config_diff.diff(saved, _config(model__remat="full"), defaults)
+    assert [(c.key, c.old, c.new) for c in changes] == [
+        ("model.remat", config_diff.ABSENT, "full")]
+    assert [c.key for c in config_diff.diff(saved, default.get_config())] == [
+        "model.remat", "train.early_stopping.metric", "train.early_stopping.min_delta",
+        "train.early_stopping.mode", "train.early_stopping.patience"]
+
+
 def test_check_refuses_unless_each_change_is_allowed():
     saved = _saved(default.get_config())
     changes = config_diff.diff(saved, _config(train__steps=400, eval__every=50))
