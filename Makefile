@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # Two worker processes, each taking whole files (module fixtures are built once).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests -q -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest tests -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -64,11 +64,11 @@ def test_a_point_process_reports_its_exit_code():
 
 # In process: the same points and files as with a process per point, without the
 # ~8 s start-up of each (`sweeps.run_point` is the process path).
-# The methods' sweep runs four of its points (`--points`): each method trains on its
+# The methods' sweep runs two of its points (`--points`): each method trains on its
 # own in test_train_peft_methods.py; here the sweep machinery is what is tested.
 @pytest.mark.parametrize("config, names, points", [
     (LORA_RANK, ["lora_rank=1", "lora_rank=4"], []),
-    (PEFT_METHODS, ["full", "lora", "qlora", "prompt"], ["--points=prompt,full,lora,qlora"]),
+    (PEFT_METHODS, ["full", "prompt"], ["--points=prompt,full"]),
 ])
 def test_tiny_presets_run_and_summarize_and_skip_finished_points(config, names, points,
                                                                  tmp_path, capsys):
@@ -88,8 +88,7 @@ def test_tiny_presets_run_and_summarize_and_skip_finished_points(config, names, 
         assert trainable["lora_rank=1"] * 4 == trainable["lora_rank=4"]  # Linear in r.
         assert "synthetic_support_summary/bleu" in rows[0]
     else:
-        assert trainable["full"] > trainable["lora"] > trainable["prompt"]
-        assert trainable["lora"] == trainable["qlora"]
+        assert trainable["full"] > 100 * trainable["prompt"]
     assert os.path.exists(f"{root}/sweep_summary.md") and os.path.exists(
         f"{root}/sweep_summary.png")
     lines = capsys.readouterr().out.splitlines()  # One progress line per point, with an ETA.
