@@ -114,6 +114,9 @@ def get_config(arg=None):
     c.optimizer.weight_decay = 0.0
     c.optimizer.grad_clip_norm = 1.0
     c.optimizer.multiply_by_parameter_scale = False  # Adafactor only.
+    # True: the optimizer state lives in host memory (pinned_host) and is moved to the
+    # devices for each update, then back (QLoRA's paged optimizers, by JAX memory kinds).
+    c.optimizer.offload_state = False
 
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 1e-4

@@ -146,6 +146,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "model.dtype": _one_of(DTYPES),
     "model.remat": _one_of(tuple(layers.remat_names())),
     "model.scan_layers": _boolean,
+    "optimizer.offload_state": _boolean,
     "peft.frozen_dtype": _one_of(FROZEN_DTYPES),
     "device_peak_flops": _number(0.0, what="0 = unknown, no MFU"),
     **{f"model.{k}": _int_at_least(1, "model size") for k in (

@@ -390,7 +390,7 @@ def initialize(setup: Setup, mesh: jax.sharding.Mesh, *, restoring: bool = False
     with partitioning.mesh_context(mesh):
         init_optimizer = jax.jit(setup.optimizer.init).lower(trainable_abstract).compile()
     state_sh = TrainState(partitioning.replicated(mesh), trainable_sh,
-                          _on_mesh(init_optimizer.output_shardings, mesh))
+                          optimizer_shardings(setup, init_optimizer.output_shardings, mesh))
     if restoring:
         state = TrainState(jnp.zeros((), jnp.int32), trainable_abstract,
                            jax.eval_shape(setup.optimizer.init, trainable_abstract))
@@ -407,6 +407,19 @@ def _abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
 
 def _all_trainable(mask: Any) -> bool:
     return all(jax.tree.leaves(mask))
+
+
+HOST_MEMORY = "pinned_host"
+
+
+def optimizer_shardings(setup: Setup, compiled: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Where the optimizer state lives: the layout XLA gave `optimizer.init`'s outputs on
+    this mesh (`_on_mesh`), in host memory when `optimizer.offload_state` (the step then
+    moves it to the devices for the update and back: `train_step`)."""
+    shardings = _on_mesh(compiled, mesh)
+    if not setup.config.optimizer.get("offload_state", False):
+        return shardings
+    return jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), shardings)
 
 
 def _on_mesh(shardings: Any, mesh: jax.sharding.Mesh) -> Any:

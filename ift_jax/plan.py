@@ -159,7 +159,7 @@ def compile_step(config: ml_collections.ConfigDict, mesh_sizes: Optional[dict] =
     frozen = _frozen_abstract(setup, frozen, frozen_sh)
     with partitioning.mesh_context(mesh):
         opt_sh = jax.jit(setup.optimizer.init).lower(trainable).compile().output_shardings
-    opt_sh = model_setup._on_mesh(opt_sh, mesh)  # noqa: SLF001 (the run's own placement)
+    opt_sh = model_setup.optimizer_shardings(setup, opt_sh, mesh)  # The run's own placement.
     opt_state = jax.tree.map(_abstract, jax.eval_shape(setup.optimizer.init, trainable), opt_sh)
     state_sh = model_setup.TrainState(partitioning.replicated(mesh), trainable_sh, opt_sh)
     state = model_setup.TrainState(

@@ -35,13 +35,16 @@ def _sum_terms(terms: list[dict]) -> dict:
 
 def train_step(state: TrainState, frozen: Any, batch: dict, rng: Array, *,
                apply_fn: Callable, tx: optax.GradientTransformation,
-               loss_cfg: losses.LossConfig, num_microbatches: int = 1
-               ) -> tuple[TrainState, dict]:
+               loss_cfg: losses.LossConfig, num_microbatches: int = 1,
+               offload: Any = None) -> tuple[TrainState, dict]:
     """One optimizer step; gradients are accumulated in fp32 over microbatches.
 
     Args:
       apply_fn: `(params, batch, rng) -> logits` with dropout enabled, where
         params = trainable merged with frozen (see `model_setup`).
+      offload: `(device_shardings, host_shardings)` of the optimizer state when it
+        lives in host memory (`optimizer.offload_state`): it is moved to the devices
+        for the update and back to the host after it.
     """
 
     # The whole batch's denominator, known before the forward pass: dividing the
@@ -71,7 +74,11 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: Array, *,
             body, (zeros_g, zeros_t),
             (_microbatches(batch, num_microbatches), jnp.arange(num_microbatches)))
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state if offload is None else jax.device_put(state.opt_state,
+                                                                        offload[0])
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    if offload is not None:
+        opt_state = jax.device_put(opt_state, offload[1])
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": terms["loss_sum"] / denominator,
                "z_loss": terms["z_loss_sum"] / denominator,
@@ -83,10 +90,15 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: Array, *,
 
 def jit_train_step(setup, shardings, batch_sharding) -> Callable:
     """`train_step` compiled once for the mesh, state donated."""
+    host = shardings.state.opt_state
+    offload = None
+    if setup.config.optimizer.get("offload_state", False):
+        offload = (jax.tree.map(lambda s: s.with_memory_kind("device"), host), host)
     return jax.jit(
         functools.partial(train_step, apply_fn=setup.train_apply, tx=setup.optimizer,
                           loss_cfg=losses.LossConfig(**setup.config.loss),
-                          num_microbatches=setup.config.train.num_microbatches),
+                          num_microbatches=setup.config.train.num_microbatches,
+                          offload=offload),
         in_shardings=(shardings.state, shardings.frozen, batch_sharding, None),
         out_shardings=(shardings.state, None), donate_argnums=(0,))
 
