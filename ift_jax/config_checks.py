@@ -169,9 +169,21 @@ def validate(config: Any) -> None:
     _check_microbatches(config)
     _check_schedule(config)
     _check_best(config)
+    _check_prompt_init(config)
     sizes = mesh_sizes(config)
     if sizes is not None and -1 not in (sizes["data"], sizes["fsdp"]):
         _check_batch_split(config, sizes["data"] * sizes["fsdp"], sizes)
+
+
+def _check_prompt_init(config: Any) -> None:
+    """A text-initialized soft prompt takes the text's token embeddings from the
+    `init_from` base; without one it would silently keep the model's random init."""
+    if (get(config, "peft.method") == "prompt" and get(config, "peft.prompt_init") == "text"
+            and not get(config, "init_from")):
+        raise _fail("peft.prompt_init", "text", "takes the embeddings of the text's tokens "
+                    "from the init_from base, and this run has no init_from",
+                    "set --config.init_from=DIR (a pretrained model), or "
+                    "--config.peft.prompt_init=uniform")
 
 
 def validate_for_devices(config: Any, device_count: int, process_count: int = 1) -> None:

@@ -35,6 +35,9 @@ def test_every_shipped_preset_passes():
     (dict(train__steps=0, optimizer__schedule="constant", eval__at_start=False),
      "train.steps=0 trains nothing"),
     (dict(train__batch_size=0), "train.batch_size=0 must be an integer >= 1"),
+    (dict(peft__method="prompt", peft__prompt_init="text", peft__prompt_init_text="Hi"),
+     "peft.prompt_init='text' takes the embeddings of the text's tokens from the init_from "
+     "base, and this run has no init_from; set --config.init_from=DIR"),
     (dict(train__keep_checkpoints=0), "with 0 a finished run would keep no model"),
     (dict(eval__every=-1), "eval.every=-1 must be an integer >= 0"),
     (dict(eval__num_beams=0), "eval.num_beams=0 must be an integer >= 1"),
