@@ -102,6 +102,9 @@ def run_step(step: plans.Step, in_process: Optional[InProcess] = None) -> dict:
         code, stopped = in_process(step.argv), False
     else:
         code, stopped = sweeps.run_point([sys.executable, "-m", "ift_jax", *step.argv])
+    # A step that exits 0 without being done was stopped (SIGTERM/SIGINT: the run saved
+    # its state and returned); in process, this is how the runner learns of the stop.
+    stopped = stopped or (code == 0 and not step.done())
     row.update({"wall_s": round(time.perf_counter() - wall, 1),
                 "cpu_s": round(_cpu_seconds(who) - cpu, 1), "exit_code": code,
                 "stopped": stopped, "load_after": os.getloadavg()[0],

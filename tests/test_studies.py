@@ -203,3 +203,18 @@ def test_forgetting_rules_check_the_claims_as_stated():
     lines = forgetting.findings(fails)
     assert [("**not reproduced**" in line) for line in lines[:3]] == [True, False, True]
     assert lines[3].startswith("What we would try next")
+
+
+def test_a_step_stopped_in_process_stops_the_study(tmp_path, capsys):
+    """`--in_process`: a SIGTERM makes the step's run save and return 0 unfinished; the
+    runner must stop there (130), not go on to the next step."""
+    calls = []
+
+    def stopped_run(argv):  # Returns as `ift-jax train` does after a SIGTERM, unfinished.
+        calls.append(argv)
+        return 0
+
+    code = studies_runner.run("forgetting", "smoke", str(tmp_path), in_process=stopped_run)
+    assert code == 130 and len(calls) == 1
+    assert "stopped during step base/train" in capsys.readouterr().err
+    assert studies_runner.read_timings(str(tmp_path))["base/train"][0]["stopped"] is True
