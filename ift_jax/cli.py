@@ -606,13 +606,20 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
+PLAN_FLAGS = ("--mesh", "--devices", "--topology")
+
+
+def split_plan_flags(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """`ift-jax plan`'s own flags (`{"--topology": "v4-8", ...}`) and the train flags."""
+    values = {name: a.split("=", 1)[1] for a in argv for name in PLAN_FLAGS
+              if a.startswith(name + "=")}
+    return values, [a for a in argv if not a.startswith(tuple(f + "=" for f in PLAN_FLAGS))]
+
+
 def _plan(argv: Sequence[str]) -> int:
     """`ift-jax plan`: the training step compiled ahead of time for a topology."""
     from ift_jax import plan, run_flags
-    values = {name: a.split("=", 1)[1] for a in argv for name in ("--mesh", "--devices",
-                                                                      "--topology")
-              if a.startswith(name + "=")}
-    rest = [a for a in argv if not a.startswith(("--mesh=", "--devices=", "--topology="))]
+    values, rest = split_plan_flags(argv)
     if run_flags.wants_help(rest):
         sys.stdout.write(PLAN_USAGE + "\ntopologies: " + ", ".join(
             f"{t.name} ({t.devices} devices, {t.memory_bytes / plan.GiB:.0f} GiB)"

@@ -74,8 +74,9 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: Array, *,
             body, (zeros_g, zeros_t),
             (_microbatches(batch, num_microbatches), jnp.arange(num_microbatches)))
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    opt_state = state.opt_state if offload is None else jax.device_put(state.opt_state,
-                                                                        offload[0])
+    opt_state = state.opt_state
+    if offload is not None:
+        opt_state = jax.device_put(opt_state, offload[0])
     updates, opt_state = tx.update(grads, opt_state, state.params)
     if offload is not None:
         opt_state = jax.device_put(opt_state, offload[1])
@@ -89,10 +90,12 @@ def train_step(state: TrainState, frozen: Any, batch: dict, rng: Array, *,
 
 
 def jit_train_step(setup, shardings, batch_sharding) -> Callable:
-    """`train_step` compiled once for the mesh, state donated."""
+    """`train_step` compiled once for the mesh, state donated. An optimizer state
+    placed in host memory (`model_setup.optimizer_shardings`) is moved to the devices
+    for each update."""
     host = shardings.state.opt_state
     offload = None
-    if setup.config.optimizer.get("offload_state", False):
+    if any(s.memory_kind == model_setup.HOST_MEMORY for s in jax.tree.leaves(host)):
         offload = (jax.tree.map(lambda s: s.with_memory_kind("device"), host), host)
     return jax.jit(
         functools.partial(train_step, apply_fn=setup.train_apply, tx=setup.optimizer,

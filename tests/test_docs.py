@@ -152,10 +152,10 @@ def _check_config_command(command_argv: list[str]) -> None:
         return
     if name == "plan":  # Parse only: compiling an XL step here would take minutes.
         from ift_jax import plan, run_flags
-        topology = [a.split("=", 1)[1] for a in argv if a.startswith("--topology=")]
-        assert all(t in plan.TOPOLOGIES for t in topology), (topology, list(plan.TOPOLOGIES))
-        run_flags.parse_train([a for a in argv if not a.startswith(
-            ("--mesh=", "--devices=", "--topology="))], require_workdir=False)
+        values, rest = cli.split_plan_flags(argv)
+        topology = values.get("--topology")
+        assert topology in (None, *plan.TOPOLOGIES), (topology, list(plan.TOPOLOGIES))
+        run_flags.parse_train(rest, require_workdir=False)
         return
     spec = next(a[len("--config="):] for a in argv if a.startswith("--config="))
     assert sweeps.load_points(spec)
