@@ -28,6 +28,8 @@ def test_plan_numbers_move_with_remat_fsdp_and_the_method():
     assert base.mesh == {"data": 2, "fsdp": 4, "tensor": 1} and base.flops > 0
     remat = plan.plan(_config(remat="full"), devices=8)
     assert remat.activations_bytes < base.activations_bytes
+    # The method's FLOPs do not count the recompute; XLA's count does.
+    assert remat.model_flops == base.model_flops > 0 and remat.flops > base.flops
     sharded = plan.plan(_config(data=1, fsdp=8), devices=8)
     assert 7.0 <= sharded.params_total_bytes / sharded.params_bytes <= 8.0
     lora = plan.plan(_config(method="lora"), devices=8)
