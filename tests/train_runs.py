@@ -37,8 +37,15 @@ def env(devices: int, **extra: str) -> dict:
     multi_process = ("IFT_JAX_COORDINATOR", "IFT_JAX_NUM_PROCESSES", "IFT_JAX_PROCESS_ID")
     result = {k: v for k, v in os.environ.items() if k not in multi_process}
     result.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+                  XLA_FLAGS=_xla_flags(devices), **extra)
     return result
+
+
+def _xla_flags(devices: int) -> str:
+    """This session's XLA flags (conftest's) with `devices` fake CPU devices."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
 
 
 class Run:
