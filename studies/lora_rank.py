@@ -9,7 +9,10 @@ reused (same commands, run once). Other ranks are evaluated at the end only.
 
 Rule, fixed before the runs: quality plateaus early when the smallest rank
 whose ROUGE-L is within `PLATEAU_POINTS` of the best rank's is at most
-`EARLY_RANK`.
+`EARLY_RANK`. Added after the first cpu run, to read it honestly: a plateau of
+ranks that all score below the base (no rank learned the target) says nothing
+about rank, so then the verdict is "inconclusive", and the page also shows the
+validation loss by rank (the quantity that moved).
 """
 
 from __future__ import annotations
@@ -69,14 +72,26 @@ def findings(results: dict) -> list[str]:
     best = max(scores.values())
     first = min(r for r, s in scores.items() if s >= best - PLATEAU_POINTS)
     holds = first <= EARLY_RANK
+    base = results["base"]["rougeL"]
+    learned = base is None or best > base
     full = results["full"]["rougeL"]
+    verdict = readout.verdict(holds) if learned else "inconclusive"
     lines = [f"Quality plateaus by r = {EARLY_RANK} (smallest rank within "
-             f"{PLATEAU_POINTS:g} ROUGE-L point of the best rank): **{readout.verdict(holds)}**"
+             f"{PLATEAU_POINTS:g} ROUGE-L point of the best rank): **{verdict}**"
              f" (best rank {max(scores, key=scores.get)} at {best:.2f}; r = {first} is the "
              f"first within {PLATEAU_POINTS:g} point; r = 1 at {scores[min(scores)]:.2f}).",
              f"Full fine-tuning (the ceiling): ROUGE-L {readout.cell(full)}, "
              f"{readout.cell(results['full']['trainable_params'])} trainable params."]
-    if not holds:
+    if not learned:
+        lines.insert(1, f"Inconclusive because no rank's ROUGE-L beats the base's ({base:.2f}): "
+                        "at this scale LoRA did not learn the target as decoding measures it, "
+                        "so the ranks' plateau is not one of quality.")
+    losses = {r: p["loss"] for r, p in results["ranks"].items()}
+    if None not in losses.values():
+        lines.append("Validation loss by rank: " + ", ".join(
+            f"r = {r}: {loss:.3f}" for r, loss in losses.items())
+            + f" (full fine-tuning {readout.cell(results['full']['loss'])}).")
+    if not holds or not learned:
         lines.append(f"What we would try next: {NEXT}")
     return lines
 

@@ -19,7 +19,7 @@ import pytest
 from ift_jax import cli, errors, hf, run_flags, studies, studies_runner
 from ift_jax.data import vocabularies
 from ift_jax.models import t5
-from ift_jax.studies import forgetting, prompt_vs_scale, recipe
+from ift_jax.studies import forgetting, lora_rank, prompt_vs_scale, recipe
 from ift_jax.tasks import synthetic
 
 ORDER = ("base", "forgetting", "multitask_remedy", "lora_rank", "prompt_vs_scale",
@@ -218,3 +218,17 @@ def test_a_step_stopped_in_process_stops_the_study(tmp_path, capsys):
     assert code == 130 and len(calls) == 1
     assert "stopped during step base/train" in capsys.readouterr().err
     assert studies_runner.read_timings(str(tmp_path))["base/train"][0]["stopped"] is True
+
+
+def _ranks(base, *scores):
+    point = lambda rouge, loss: {"rougeL": rouge, "loss": loss, "trainable_params": 1}  # noqa: E731
+    return {"base": {"rougeL": base}, "full": point(12.0, 3.5),
+            "ranks": {2 ** i: point(score, 5.0 - i / 10) for i, score in enumerate(scores)}}
+
+
+def test_lora_rank_plateau_counts_only_when_a_rank_beats_the_base():
+    assert "**reproduced**" in lora_rank.findings(_ranks(6.0, 9.0, 9.5, 9.2))[0]
+    assert "**not reproduced**" in lora_rank.findings(_ranks(6.0, 7.0, 7.0, 7.0, 7.0, 9.0))[0]
+    lines = lora_rank.findings(_ranks(6.0, 3.7, 0.4, 4.9))  # All below the base.
+    assert "**inconclusive**" in lines[0] and "no rank's ROUGE-L beats the base's" in lines[1]
+    assert any(line.startswith("Validation loss by rank: r = 1: 5.000") for line in lines)
