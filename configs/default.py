@@ -42,6 +42,8 @@ def get_config(arg=None):
     c.data.mixture = "ift_synthetic"
     c.data.vocab = "byte"  # Or a SentencePiece .model (FLAN-T5's spiece.model).
     c.data.data_dir = ""  # Default: $IFT_JAX_DATA_DIR.
+    # Tasks written by `ift-jax tasks cache` (local or gs://): read instead of rendered.
+    c.data.cache_dir = ""
     c.data.inputs_length = 192
     c.data.targets_length = 64
     c.data.pack = True

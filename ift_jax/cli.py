@@ -113,6 +113,17 @@ def _tasks_train_spm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks_cache(args: argparse.Namespace) -> int:
+    _load_tasks(args)
+    from ift_jax.data import cache
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    rows = cache.write(args.name, args.output, splits)
+    print(f"cached {len(rows)} task splits of {args.name} ({sum(r[2] for r in rows)} examples, "
+          f"vocabulary {_vocab_name()}) in {args.output}; train with "
+          f"--config.data.cache_dir={args.output}")
+    return 0
+
+
 def _quiet_logging() -> None:
     console.setup_logging(console.is_verbose())
 
@@ -444,6 +455,15 @@ def _add_tasks_parser(sub) -> None:
     spm.add_argument("--vocab_size", type=int, default=8000)
     spm.add_argument("--split", default="train")
     spm.set_defaults(run=_tasks_train_spm)
+
+    cached = tasks_sub.add_parser("cache", parents=[common],
+                                  help="write a task's or mixture's tokenized examples for "
+                                       "data.cache_dir")
+    cached.add_argument("name", help="task or mixture")
+    cached.add_argument("--output", required=True, help="cache folder (local or gs://)")
+    cached.add_argument("--splits", default=None, metavar="S,S,...",
+                        help="splits to write (default: every split of each task)")
+    cached.set_defaults(run=_tasks_cache)
 
 
 def _convert(args: argparse.Namespace) -> int:

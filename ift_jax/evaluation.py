@@ -53,6 +53,7 @@ import seqio
 from ift_jax import errors
 from ift_jax import fileio
 from ift_jax import metrics as metrics_lib
+from ift_jax.data import cache
 from ift_jax.data import instructions
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # [batch, inputs_length] -> [batch, length]
@@ -118,7 +119,8 @@ class EvalSpec:
 
 def _examples(task: seqio.Task, spec: EvalSpec) -> list[dict]:
     dataset = task.get_dataset({"inputs": spec.inputs_length, "targets": 1 << 16},
-                               split=spec.split, shuffle=False)
+                               split=spec.split, shuffle=False,
+                               use_cached=cache.use_cached(task))
     limit = -1 if spec.max_examples is None else spec.max_examples
     examples = list(dataset.take(limit).as_numpy_iterator())
     if not examples:

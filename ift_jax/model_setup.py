@@ -556,10 +556,11 @@ def vocabulary_spec(config: ml_collections.ConfigDict) -> str:
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:
-    """Data directory and vocabulary of this run; registers the tasks."""
-    from ift_jax.data import sources, vocabularies
+    """Data directory, task cache and vocabulary of this run; registers the tasks."""
+    from ift_jax.data import cache, sources, vocabularies
     if config.data.data_dir:
         sources.set_data_dir(config.data.data_dir)
+    cache.set_cache_dir(config.data.get("cache_dir") or None)
     vocabularies.set_vocabulary(vocabulary_spec(config))
     import ift_jax.tasks  # noqa: F401  (registers tasks)
 

@@ -280,3 +280,13 @@ def test_peft_tradeoffs_writes_the_table_from_one_measured_method(tmp_path):
     with open(os.path.join(tmp_path, "peft_tradeoffs.md")) as f:
         assert "| lora | " in f.read()
     assert os.path.getsize(os.path.join(tmp_path, "peft_tradeoffs.png")) > 0
+
+
+def test_task_cache_measures_both_sides_on_tiny_and_they_agree(results_dir):
+    run_script("task_cache.py", "--preset=tiny", f"--output_dir={results_dir}")
+    record = read(os.path.join(results_dir, "task_cache_tiny_x2.json"))
+    assert record["same_batches"], record["sides"]
+    assert record["cache"]["tasks"] == 2 and record["cache"]["examples"] == 400
+    for side in ("uncached", "cached"):
+        assert record["sides"][side]["startup_s"] > 0
+        assert record["sides"][side]["examples_per_s"] > 0

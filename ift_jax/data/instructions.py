@@ -33,6 +33,7 @@ SeqIO's own preprocessors; evaluation gets the references back through
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any, Callable, Optional, Sequence
 
@@ -40,6 +41,7 @@ import seqio
 import tensorflow as tf
 
 from ift_jax import errors
+from ift_jax.data import cache as cache_lib
 from ift_jax.data import sources as sources_lib
 from ift_jax.data import templates as templates_lib
 from ift_jax.data.vocabularies import TASK_VOCABULARY
@@ -148,8 +150,17 @@ class InstructionDataSource(seqio.DataSource):
         self.templates = tuple(templates)
         self.rendering = rendering
         self._rendered: dict[str, dict[str, list[str]]] = {}
-        super().__init__(splits=source.splits, caching_permitted=False,
+        super().__init__(splits=source.splits, caching_permitted=True,
                          performs_internal_shuffling=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of what rendering depends on besides the records: templates, rendering,
+        the source's name, fields and splits (a cache from another definition is stale)."""
+        definition = repr((self.task_name, self.records.name, self.records.description,
+                           self.records.fields, self.records.splits, self.templates,
+                           self.rendering))
+        return hashlib.sha256(definition.encode("utf-8")).hexdigest()[:16]
 
     @property
     def supports_arbitrary_sharding(self) -> bool:
@@ -208,19 +219,24 @@ def postprocess(output: Any, example: Optional[dict] = None, is_target: bool = F
 def register_task(name: str, source: sources_lib.RecordSource, templates: Sequence[Any], *,
                   rendering: Rendering = Rendering(),
                   postprocess_fn: Callable[..., Any] = postprocess,
-                  metric_fns: Sequence[Callable[..., dict]] = ()) -> seqio.Task:
+                  metric_fns: Sequence[Callable[..., dict]] = (),
+                  cacheable: bool = True) -> seqio.Task:
     """Validates the templates against the source's fields and registers the task.
 
-    Re-registering a name replaces the earlier task (modules may be reloaded).
+    A cacheable task's cache point is after tokenization, before trimming and
+    EOS (`ift_jax.data.cache`). Re-registering a name replaces the earlier task
+    (modules may be reloaded).
     """
     templates_lib.validate_templates(name, templates, source.fields)
     if rendering.num_shots and rendering.exemplar_split not in source.splits:
         raise errors.DataError(f"task {name!r}: few-shot exemplars come from split "
                                f"{rendering.exemplar_split!r}, which source {source.name!r} lacks")
-    task = seqio.Task(
+    cache_point = [seqio.CacheDatasetPlaceholder()] if cacheable else []
+    task = cache_lib.CacheableTask(
         name, InstructionDataSource(name, source, templates, rendering),
         output_features=OUTPUT_FEATURES,
-        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+        preprocessors=[seqio.preprocessors.tokenize, *cache_point,
+                       seqio.preprocessors.append_eos_after_trim],
         postprocess_fn=postprocess_fn, metric_fns=list(metric_fns), shuffle_buffer_size=None)
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
@@ -266,6 +282,8 @@ def with_shots(task_name: str, shots: int, fit_inputs_length: int) -> seqio.Task
                                f"split to draw in-context exemplars from")
     rendering = dataclasses.replace(source.rendering, mode="random", num_shots=shots,
                                     fit_inputs_length=fit_inputs_length)
+    # Not cacheable: registered at evaluation time, for the run's inputs_length.
     return register_task(f"{task_name}_incontext_{shots}shot", source.records,
                          source.templates, rendering=rendering,
-                         postprocess_fn=task.postprocess_fn, metric_fns=task.metric_fns)
+                         postprocess_fn=task.postprocess_fn, metric_fns=task.metric_fns,
+                         cacheable=False)

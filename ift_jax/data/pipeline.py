@@ -7,6 +7,10 @@ names (`encoder_input_tokens`, `decoder_input_tokens`,
 `decoder_target_tokens`, `decoder_loss_weights`, and with packing the
 `*_segment_ids` / `*_positions`), ready for
 `jax.make_array_from_process_local_data`.
+
+With a cache dir set (`ift_jax.data.cache`, `data.cache_dir`), the tasks
+read their tokenized examples from it; everything after (trimming, EOS,
+packing, shuffling, sharding, mixing) is the same.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Iterator, Mapping, Optional
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from ift_jax.data import cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +58,8 @@ def get_dataset(spec: BatchSpec, shard_info: Optional[seqio.ShardInfo] = None
         spec.mixture_or_task, task_feature_lengths=spec.feature_lengths,
         feature_converter=seqio.EncDecFeatureConverter(pack=spec.pack),
         dataset_split=spec.split, shuffle=spec.shuffle, num_epochs=spec.num_epochs,
-        shard_info=shard_info, seed=spec.seed, batch_size=spec.batch_size, verbose=False)
+        shard_info=shard_info, seed=spec.seed, batch_size=spec.batch_size, verbose=False,
+        use_cached=bool(cache.cache_dir()))
 
 
 def numpy_batches(spec: BatchSpec, shard_info: Optional[seqio.ShardInfo] = None
