@@ -9,7 +9,8 @@ Errors: a `UserError` (`ift_jax.errors`) is printed as one line
 or in a user's own task or metric function) and keeps its traceback. `--verbose` (any command) or
 `IFT_JAX_VERBOSE=1` keeps the libraries' start-up logging (`ift_jax.console`).
 
-Only stdlib, `console` and `errors` are imported up here; everything that
+Only stdlib, `console`, `errors` and the parsers of `cli_tasks` and
+`cli_study` are imported up here; everything that
 imports jax, TensorFlow or absl is imported inside the commands, so `main` can
 quiet those libraries before they load (jax sets TF_CPP_MIN_LOG_LEVEL=1 on
 import, for one).
@@ -24,7 +25,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from ift_jax import console, errors
+from ift_jax import cli_study, cli_tasks, console, errors
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -42,85 +43,6 @@ def _model_info(args: argparse.Namespace) -> int:
               if f.name not in ("dtype", "param_dtype")}
     header = f"# {source}\n# T5Config({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
     sys.stdout.write(model_info.format_model_info(boxed, header))
-    return 0
-
-
-def _load_tasks(args: argparse.Namespace) -> None:
-    from ift_jax.data import sources, vocabularies
-    if args.data_dir:
-        sources.set_data_dir(args.data_dir)
-    if args.vocab:
-        vocabularies.set_vocabulary(args.vocab)
-    import ift_jax.tasks  # noqa: F401  (registers tasks and mixtures)
-
-
-def _tasks_list(args: argparse.Namespace) -> int:
-    _load_tasks(args)
-    from ift_jax.data import inspection
-    rows = inspection.list_tasks()
-    width = max(len(r.name) for r in rows)
-    print(f"{'task':<{width}}  {'splits':<23} {'templates':>9}  {'rendering':<16} "
-          f"{'metrics':<20} source")
-    for r in rows:
-        print(f"{r.name:<{width}}  {','.join(r.splits):<23} {r.num_templates:>9}  "
-              f"{r.mode:<16} {','.join(r.metrics):<20} {r.source}")
-    import seqio
-    print(f"\n{len(rows)} tasks; mixtures: {', '.join(sorted(seqio.MixtureRegistry.names()))}")
-    return 0
-
-
-def _tasks_preview(args: argparse.Namespace) -> int:
-    _load_tasks(args)
-    from ift_jax.data import inspection
-    for i, example in enumerate(inspection.preview(args.name, args.split, args.n)):
-        print(f"=== {args.name} [{args.split}] #{i}  id={example['id']}  "
-              f"template={example['template']}")
-        print(f"--- inputs\n{example['inputs']}\n--- targets\n{example['targets']}")
-        print(f"--- references\n{example['references']}\n")
-    return 0
-
-
-def _tasks_stats(args: argparse.Namespace) -> int:
-    _load_tasks(args)
-    from ift_jax.data import inspection
-    lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
-    header = "  ".join(f"p{p:<5}" for p in inspection.PERCENTILES)
-    for task in inspection.tasks_of(args.name):
-        print(f"{task.name} [{args.split}] ({task.source.num_input_examples(args.split)} "
-              f"examples; token lengths with EOS, vocabulary {_vocab_name()})")
-        print(f"  {'feature':<8} {'limit':>6}  {header}  truncated")
-        for s in inspection.length_stats(task, args.split, lengths, args.max_examples):
-            cells = "  ".join(f"{s.percentiles[p]:<6}" for p in inspection.PERCENTILES)
-            print(f"  {s.feature:<8} {s.max_length:>6}  {cells}  {s.truncated} of {s.count} "
-                  f"({100 * s.truncated_share:.1f}%)")
-    return 0
-
-
-def _vocab_name() -> str:
-    from ift_jax.data.vocabularies import TASK_VOCABULARY
-    return TASK_VOCABULARY.spec
-
-
-def _tasks_train_spm(args: argparse.Namespace) -> int:
-    _load_tasks(args)
-    from ift_jax.data import inspection, vocabularies
-    texts = []
-    for task in inspection.tasks_of(args.name):
-        columns = task.source.rendered(args.split)
-        texts += columns["inputs"] + columns["targets"]
-    path = vocabularies.train_sentencepiece(texts, args.output, args.vocab_size)
-    print(f"wrote {path} ({args.vocab_size} pieces from {len(texts)} texts of {args.name})")
-    return 0
-
-
-def _tasks_cache(args: argparse.Namespace) -> int:
-    _load_tasks(args)
-    from ift_jax.data import cache
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
-    rows = cache.write(args.name, args.output, splits)
-    print(f"cached {len(rows)} task splits of {args.name} ({sum(r[2] for r in rows)} examples, "
-          f"vocabulary {_vocab_name()}) in {args.output}; train with "
-          f"--config.data.cache_dir={args.output}")
     return 0
 
 
@@ -420,52 +342,6 @@ def _add_export_parser(sub) -> None:
     parser.set_defaults(run=_export)
 
 
-def _add_tasks_parser(sub) -> None:
-    tasks = sub.add_parser("tasks", help="list, preview and measure SeqIO tasks and mixtures")
-    tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True, metavar="ACTION")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data_dir", help="folder holding the datasets "
-                        "(default: $IFT_JAX_DATA_DIR)")
-    common.add_argument("--vocab", help="'byte' or a SentencePiece .model path "
-                        "(default: $IFT_JAX_VOCAB or byte)")
-
-    listing = tasks_sub.add_parser("list", parents=[common], help="every registered task")
-    listing.set_defaults(run=_tasks_list)
-
-    show = tasks_sub.add_parser("preview", parents=[common],
-                                help="rendered inputs and targets, with the template used")
-    show.add_argument("name")
-    show.add_argument("--split", default="validation")
-    show.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
-    show.set_defaults(run=_tasks_preview)
-
-    stats = tasks_sub.add_parser("stats", parents=[common],
-                                 help="token-length percentiles and share truncated")
-    stats.add_argument("name", help="task or mixture")
-    stats.add_argument("--split", default="train")
-    stats.add_argument("--inputs_length", type=int, default=512)
-    stats.add_argument("--targets_length", type=int, default=128)
-    stats.add_argument("--max_examples", type=int, default=None)
-    stats.set_defaults(run=_tasks_stats)
-
-    spm = tasks_sub.add_parser("train-spm", parents=[common],
-                               help="train a SentencePiece model on a task's or mixture's text")
-    spm.add_argument("name", help="task or mixture")
-    spm.add_argument("--output", required=True, help="model prefix; writes PREFIX.model")
-    spm.add_argument("--vocab_size", type=int, default=8000)
-    spm.add_argument("--split", default="train")
-    spm.set_defaults(run=_tasks_train_spm)
-
-    cached = tasks_sub.add_parser("cache", parents=[common],
-                                  help="write a task's or mixture's tokenized examples for "
-                                       "data.cache_dir")
-    cached.add_argument("name", help="task or mixture")
-    cached.add_argument("--output", required=True, help="cache folder (local or gs://)")
-    cached.add_argument("--splits", default=None, metavar="S,S,...",
-                        help="splits to write (default: every split of each task)")
-    cached.set_defaults(run=_tasks_cache)
-
-
 def _convert(args: argparse.Namespace) -> int:
     import shutil
     from ift_jax import hf, t5x_checkpoint
@@ -507,49 +383,6 @@ def _add_convert_parser(sub) -> None:
     parser.set_defaults(run=_convert)
 
 
-def _study(args: argparse.Namespace) -> int:
-    console.setup_logging(console.is_verbose())
-    from ift_jax import studies_runner
-    command = ["ift-jax", "study", args.name, f"--preset={args.preset}",
-               f"--workdir={args.workdir}"]
-    command += [f"--{k}={getattr(args, k)}" for k in ("init_from", "page_dir")
-                if getattr(args, k)]
-    command += [f"--{k}" for k in ("page_only", "in_process") if getattr(args, k)]
-    return studies_runner.run(args.name, args.preset, args.workdir, init_from=args.init_from,
-                              page_dir=args.page_dir, dry_run=args.dry_run,
-                              page_only=args.page_only,
-                              in_process=main if args.in_process else None, command=command)
-
-
-def _add_study_parser(sub) -> None:
-    parser = sub.add_parser(
-        "study", help="run a study (docs/studies/): its train/eval steps, then its page",
-        description="Runs a study's steps (each an ordinary ift-jax train / eval command, "
-        "one process each; finished steps are skipped, so a stopped study resumes) and "
-        "writes its page, plot and results JSON. Studies: base, forgetting, "
-        "multitask_remedy, lora_rank, prompt_vs_scale, icl_vs_finetuned, "
-        "dialogsum_flan_t5 (ift_jax/studies/).")
-    parser.add_argument("name", metavar="NAME", help="the study")
-    parser.add_argument("--workdir", required=True, metavar="ROOT",
-                        help="folder of the study's runs (shared by studies: the base "
-                             "model is trained once)")
-    parser.add_argument("--preset", default="cpu",
-                        help="smoke (CI: tiny, seconds), cpu (default) or gpu")
-    parser.add_argument("--init_from", default="", metavar="DIR",
-                        help="dialogsum_flan_t5 only: the FLAN-T5-base HF directory")
-    parser.add_argument("--page_dir", default="", metavar="DIR",
-                        help="where the page, plot and JSON go (default: ROOT/NAME/; "
-                             "docs/studies for the committed ones)")
-    parser.add_argument("--dry_run", action="store_true",
-                        help="print the steps' commands (marking those done) and stop")
-    parser.add_argument("--page_only", action="store_true",
-                        help="run nothing; write the page from the steps done so far")
-    parser.add_argument("--in_process", action="store_true",
-                        help="run the steps in this process (no start-up per step; the "
-                             "CPU time shown is then this process's)")
-    parser.set_defaults(run=_study)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ift-jax", description="Instruction fine-tuning of T5-family models in JAX.",
@@ -576,13 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="T5 preset: tiny, small, base, large, xl, xxl (default: base)")
     source.add_argument("--hf_dir", help="HF T5/FLAN-T5/mT5 directory to load")
     info.set_defaults(run=_model_info)
-    _add_tasks_parser(sub)
+    cli_tasks.add_parser(sub)
     _add_export_parser(sub)
     _add_convert_parser(sub)
     _add_eval_parser(sub)
     _add_report_and_predict_parsers(sub)
     _add_score_parser(sub)
-    _add_study_parser(sub)
+    cli_study.add_parser(sub, main)
     _add_inspect_prompt_parser(sub)
     return parser
 
