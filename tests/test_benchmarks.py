@@ -290,3 +290,31 @@ def test_task_cache_measures_both_sides_on_tiny_and_they_agree(results_dir):
     for side in ("uncached", "cached"):
         assert record["sides"][side]["startup_s"] > 0
         assert record["sides"][side]["examples_per_s"] > 0
+
+
+def _plan_row(size, levers, topology, peak):
+    return {"size": size, "method": "lora", "levers": levers, "topology": topology,
+            "params_bytes": 1, "optimizer_bytes": 1, "activations_bytes": 1, "peak_bytes": peak,
+            "memory_bytes": 2 ** 35, "fits": True, "flops": 1e12, "model_flops": 2e12,
+            "scanned": levers == "on", "compile_s": 3.0}
+
+
+def test_scaling_plan_add_keeps_earlier_cells_and_credits_each_run(tmp_path):
+    sys.path.insert(0, BENCHMARKS)
+    import scaling_plan
+    run = {"budget_s": 10.0, "wall_s": 9.0, "machine": "m", "date": "d1", "command": "c1"}
+    first = {**run, "rows": [_plan_row("base", "on", "v4-8", 5), _plan_row("xl", "on", "v4-8", 7)],
+             "not_planned": [{"size": "xl", "method": "lora", "levers": "off",
+                              "topology": "v4-8"}]}
+    second = {**run, "date": "d2", "command": "c2", "rows": [
+        _plan_row("xl", "on", "v4-8", 8), _plan_row("xl", "off", "v4-8", 9)], "not_planned": []}
+    added = scaling_plan._added(first, second)
+    assert sorted((r["size"], r["levers"], r["peak_bytes"], r["run"]) for r in added["rows"]) == [
+        ("base", "on", 5, 0), ("xl", "off", 9, 1), ("xl", "on", 8, 1)]
+    assert added["not_planned"] == [] and [r["command"] for r in added["runs"]] == ["c1", "c2"]
+    doc = tmp_path / "scaling.md"
+    doc.write_text("# Scaling\n")
+    scaling_plan._write_doc(str(doc), added)
+    text = doc.read_text()
+    assert "`c1` on d1" in text and "`c2` on d2" in text and "(rows marked 2)" in text
+    assert "| 2.00 | 1.00 (one layer: scanned) | 3 (2) |" in text
