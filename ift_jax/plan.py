@@ -80,11 +80,10 @@ class Plan:
     flops: float  # XLA's count: a scanned layer stack's body once.
     compile_s: float
     model_flops: float = 0.0  # The method's training FLOPs (as MFU counts them).
+    scanned: bool = False  # model.scan_layers: `flops` is one layer's.
     memory_bytes: Optional[int] = None
     topology: str = ""
     levers: list = dataclasses.field(default_factory=list)
-
-    scanned: bool = False
 
     @property
     def fits(self) -> Optional[bool]:
