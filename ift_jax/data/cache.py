@@ -124,7 +124,6 @@ class CachedSplit:
         return int(self.stats["examples"])
 
 
-@functools.lru_cache(maxsize=1024)
 def _read_json(path: str) -> Optional[dict]:
     if not tf.io.gfile.exists(path):
         return None
@@ -172,13 +171,9 @@ def _feature_spec(info: dict) -> dict:
     return spec
 
 
-class CachedSource(seqio.DataSource):
-    """One cached split, sharded and shuffled as `InstructionDataSource` does it live."""
-
-    def __init__(self, cached: CachedSplit):
-        self.cached = cached
-        super().__init__(splits=(cached.split,), caching_permitted=False,
-                         performs_internal_shuffling=True)
+class PerExampleSource(seqio.DataSource):
+    """A source sharded per example (any number of shards), with no output features of
+    its own (the task's apply): the live `InstructionDataSource` and `CachedSource`."""
 
     @property
     def supports_arbitrary_sharding(self) -> bool:
@@ -187,6 +182,15 @@ class CachedSource(seqio.DataSource):
     @property
     def output_features(self):
         return {}
+
+
+class CachedSource(PerExampleSource):
+    """One cached split, sharded and shuffled as `InstructionDataSource` does it live."""
+
+    def __init__(self, cached: CachedSplit):
+        self.cached = cached
+        super().__init__(splits=(cached.split,), caching_permitted=False,
+                         performs_internal_shuffling=True)
 
     def list_shards(self, split: str) -> Sequence[str]:
         return self.cached.files
@@ -321,7 +325,6 @@ def _count(stats: dict, example: dict) -> None:
 
 
 def _write_json(path: str, value: dict) -> None:
-    _read_json.cache_clear()
     with tf.io.gfile.GFile(path, "w") as f:
         json.dump(value, f, indent=1, sort_keys=True)
 
@@ -329,7 +332,6 @@ def _write_json(path: str, value: dict) -> None:
 def mark_completed(task: seqio.Task, root: str) -> None:
     with tf.io.gfile.GFile(os.path.join(task_dir(root, task.name), COMPLETED), "w") as f:
         f.write("")
-    _read_json.cache_clear()
 
 
 def write(name: str, root: str, splits: Optional[Iterable[str]] = None,

@@ -140,7 +140,7 @@ def _with_exemplars(inputs: str, template: Any, rendering: Rendering, example_id
     return fmt.prefix + inputs, 0  # Too long even alone: truncated like any input.
 
 
-class InstructionDataSource(seqio.DataSource):
+class InstructionDataSource(cache_lib.PerExampleSource):
     """A `seqio.DataSource` of rendered instruction examples (strings)."""
 
     def __init__(self, task_name: str, source: sources_lib.RecordSource,
@@ -161,14 +161,6 @@ class InstructionDataSource(seqio.DataSource):
                            self.records.fields, self.records.splits, self.templates,
                            self.rendering))
         return hashlib.sha256(definition.encode("utf-8")).hexdigest()[:16]
-
-    @property
-    def supports_arbitrary_sharding(self) -> bool:
-        return True
-
-    @property
-    def output_features(self):
-        return {}
 
     def list_shards(self, split: str) -> Sequence[str]:
         return [split]
