@@ -52,6 +52,11 @@ def get_config(arg=None):
     # cheapest) or "global_batch" (every host builds the same global batch and
     # keeps its rows: identical batches for any number of hosts).
     c.data.host_sharding = "examples"
+    # The training stream: "seqio" (SeqIO's tf.data pipeline; a resume at step N
+    # computes and drops N batches) or "indexed" (ift_jax.data.indexed: the tasks are
+    # read into memory once and batches follow from a position of a few integers,
+    # saved beside each checkpoint, so a resume starts at once).
+    c.data.pipeline = "seqio"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200

@@ -30,6 +30,7 @@ _MISSING = object()
 MESH_AXES = ("data", "fsdp", "tensor")
 DTYPES = ("float32", "bfloat16", "float16")
 HOST_SHARDINGS = ("examples", "global_batch")
+PIPELINES = ("seqio", "indexed")
 FROZEN_DTYPES = ("float32", "bfloat16")
 # Schedules that ramp up over `warmup_steps` before reaching the learning rate.
 _RAMPED = ("linear_warmup", "cosine", "linear_decay")
@@ -125,6 +126,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "data.inputs_length": _int_at_least(1, "tokens per input"),
     "data.targets_length": _int_at_least(1, "tokens per target"),
     "data.host_sharding": _one_of(HOST_SHARDINGS),
+    "data.pipeline": _one_of(PIPELINES),
     "optimizer.name": _one_of(optim.OPTIMIZERS),
     "optimizer.schedule": _one_of(optim.SCHEDULES),
     "optimizer.learning_rate": _number(0.0, low_open=True),

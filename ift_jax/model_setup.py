@@ -565,14 +565,16 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
     import ift_jax.tasks  # noqa: F401  (registers tasks)
 
 
-def train_batches(config: ml_collections.ConfigDict, start_step: int = 0
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(config: ml_collections.ConfigDict, start_step: int = 0,
+                  workdir: Optional[str] = None) -> Iterator[dict[str, np.ndarray]]:
     """This host's share of each global training batch, continuing at `start_step`.
 
-    The pipeline is deterministic for a seed, so resuming skips the batches
-    already consumed: the data stream continues where it was.
+    `data.pipeline="seqio"`: SeqIO's tf.data pipeline, deterministic for a seed,
+    so a resume computes and drops the `start_step` batches already consumed.
+    `"indexed"`: an `indexed.IndexedStream`, whose position after `start_step`
+    batches is read from the workdir (`positions`) when it was saved there.
     """
-    from ift_jax.data import pipeline
+    from ift_jax.data import indexed, pipeline, positions
     prepare_data(config)
 
     hosts, index = jax.process_count(), jax.process_index()
@@ -588,10 +590,16 @@ def train_batches(config: ml_collections.ConfigDict, start_step: int = 0
         config.data.mixture, "train", config.data.inputs_length, config.data.targets_length,
         batch_size=config.train.batch_size if whole else local, pack=config.data.pack,
         seed=config.data.seed, num_epochs=None)
-    dataset = pipeline.get_dataset(spec, None if whole else pipeline.host_shard_info())
+    shard = None if whole else pipeline.host_shard_info()
+    rows = slice(index * local, (index + 1) * local) if whole else None
+    if config.data.get("pipeline", "seqio") == "indexed":
+        stream = indexed.IndexedStream(indexed.load_tasks(spec, shard), spec, rows)
+        positions.resume(stream, workdir or "", start_step, index, hosts)
+        return stream
+    dataset = pipeline.get_dataset(spec, shard)
     if start_step:
         dataset = dataset.skip(start_step)
     batches = dataset.as_numpy_iterator()
     if not whole:
         return batches
-    return ({k: v[index * local:(index + 1) * local] for k, v in b.items()} for b in batches)
+    return ({k: v[rows] for k, v in b.items()} for b in batches)

@@ -35,6 +35,7 @@ from ift_jax import (best, checkpointing, config_checks, config_diff, distribute
                      evaluator, fileio, inference, model_setup, partitioning, preemption,
                      run_lock, runs, set_aside, suites)
 from ift_jax.configs import default as default_config
+from ift_jax.data import indexed, positions
 from ift_jax.train_step import (  # noqa: F401  (the step's public names, also here)
     TrainState, global_batches, jit_train_step, train_step)
 
@@ -196,8 +197,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     batch_sharding = partitioning.batch_sharding(mesh)
     step_fn = jit_train_step(setup, shardings, batch_sharding)
 
-    batches = global_batches(model_setup.train_batches(config, start_step=start),
-                             batch_sharding)
+    data = model_setup.train_batches(config, start_step=start, workdir=workdir)
+    stream = data if isinstance(data, indexed.IndexedStream) else None
+    batches = global_batches(data, batch_sharding)
     log = MetricsLog(workdir, config.train.steps,
                      setup.flops_per_token if config.device_peak_flops else 0.0,
                      config.device_peak_flops)
@@ -211,6 +213,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     last: dict = {}
     step = start
 
+    def save(step: int, force: bool = False) -> None:
+        """Checkpoints `state` at `step`, with the indexed stream's position first."""
+        if stream is not None:
+            positions.save(stream, workdir, step, jax.process_index(), jax.process_count())
+        ckpt.save(step, state, setup.checkpoint_meta(), force=force)
+        if stream is not None:
+            positions.drop_except(workdir, set(ckpt.all_steps()) | {step})
+
     def evaluated(step: int, point: Optional[dict]) -> str:
         """Keeps the best checkpoint (saving the step if it has none); the early stop's
         reason, or "". Every host decides the same (process 0's record)."""
@@ -221,7 +231,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         if decision["new_best"] and follow.keep and not ckpt.has(step):
             if pending is not None:  # Never checkpoint a non-finite state.
                 last, pending = _report(log, setup, *pending, config), None
-            ckpt.save(step, state, setup.checkpoint_meta(), force=True)
+            save(step, force=True)
         ckpt.keep_also(decision["best_step"])
         if follow.keep and jax.process_index() == 0:
             best.write_record(workdir, follow.keep)
@@ -251,7 +261,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                 if step % config.train.checkpoint_every == 0 or step == config.train.steps:
                     # Check this step's loss first: never checkpoint a non-finite state.
                     last, pending = _report(log, setup, *pending, config), None
-                    ckpt.save(step, state, setup.checkpoint_meta())
+                    save(step)
                 if evaluate and _eval_due(step, config):
                     stopped_early = evaluated(step, evaluate(
                         step, model_setup.merge(state.params, frozen)))
@@ -259,7 +269,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                 last = _report(log, setup, *pending, config)
             if stop.agreed or stopped_early:  # Every host: agreed at this step boundary.
                 if not ckpt.has(step):
-                    ckpt.save(step, state, setup.checkpoint_meta(), force=True)
+                    save(step, force=True)
                 ckpt.wait()
                 logging.warning("%s at step %d; checkpoint saved", stopped_early or "stopped",
                                 step)

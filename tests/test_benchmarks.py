@@ -318,3 +318,14 @@ def test_scaling_plan_add_keeps_earlier_cells_and_credits_each_run(tmp_path):
     text = doc.read_text()
     assert "`c1` on d1" in text and "`c2` on d2" in text and "(rows marked 2)" in text
     assert "| 2.00 | 1.00 (one layer: scanned) | 3 (2) |" in text
+
+
+def test_resume_startup_measures_both_streams_and_the_restored_batch_agrees(results_dir):
+    run_script("resume_startup.py", "--mixture=synthetic_sentiment", "--step=3",
+               "--batch_size=2", "--inputs_length=48", "--targets_length=12",
+               f"--output_dir={results_dir}")
+    record = read(os.path.join(results_dir, "resume_startup_synthetic_sentiment_3.json"))
+    assert record["first_batches_equal"]
+    for key in ("seqio_replay_s", "indexed_restore_s", "indexed_replay_s", "save_position_s"):
+        assert record[key] > 0, key
+    assert 0 < record["indexed_fill"]["targets"] <= 1 and record["position_bytes"] < 4096

@@ -53,6 +53,7 @@ def test_every_shipped_preset_passes():
     (dict(model__dtype="fp8"), "model.dtype='fp8' is not one of float32, bfloat16"),
     (dict(model__preset="giant"), "model.preset='giant' is not one of tiny, small"),
     (dict(data__host_sharding="hosts"), "data.host_sharding='hosts' is not one of examples"),
+    (dict(data__pipeline="grain"), "data.pipeline='grain' is not one of seqio, indexed"),
     (dict(mesh__data=0), "mesh.data=0 must be an integer >= 1, or -1"),
     (dict(mesh__data=-1), "mesh data=-1 fsdp=-1 tensor=1 has more than one axis set to -1"),
     (dict(train__batch_size=30, train__num_microbatches=4),

@@ -218,3 +218,25 @@ def test_optimizer_state_offloaded_to_host_memory_trains_and_resumes_bit_exactly
     train.train_and_evaluate(plain, str(tmp_path / "plain"))
     train_runs.assert_trees_equal(train_runs.checkpoint_state(tmp_path / "offload", 4),
                                   train_runs.checkpoint_state(tmp_path / "plain", 4), rtol=0)
+
+
+def test_indexed_stream_resumes_from_its_saved_position_bit_exactly(tmp_path, caplog):
+    """`data.pipeline=indexed`: a run stopped at step 2 and resumed restores the data
+    position saved with the checkpoint (no batch recomputed) and ends where an
+    uninterrupted run ends: the resumed run saw the same batches from step 2 on."""
+    import train_runs
+    config = tiny_config(steps=2)
+    config.data.pipeline = "indexed"
+    config.data.mixture = "ift_synthetic"
+    train.train_and_evaluate(config, str(tmp_path / "stopped"))
+    assert (tmp_path / "stopped" / "data_position" / "2" / "process_0_of_1.json").exists()
+    config.train.steps = 4
+    with caplog.at_level("INFO"):
+        train.train_and_evaluate(config, str(tmp_path / "stopped"),
+                                 allow_config_changes=["train.steps"])
+    assert "data stream restored at step 2" in caplog.text
+    train.train_and_evaluate(config, str(tmp_path / "whole"))
+    train_runs.assert_trees_equal(train_runs.checkpoint_state(tmp_path / "stopped", 4),
+                                  train_runs.checkpoint_state(tmp_path / "whole", 4), rtol=0)
+    kept = sorted(os.listdir(tmp_path / "stopped" / "data_position"))
+    assert kept == sorted(os.listdir(tmp_path / "stopped" / "checkpoints"))
