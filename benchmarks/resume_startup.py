@@ -1,32 +1,37 @@
 """Start-up of the training stream when a run resumes at a late step, for one host.
 
 What a resumed run waits for before its first step, data side only (the
-model's restore is the same either way):
+model's restore is the same either way), each in a fresh process after the
+tasks are registered:
 
 - `seqio_replay` (`data.pipeline=seqio`, before): the tf.data pipeline is
-  built, `dataset.skip(step)` computes and drops `step` batches, then the first
-  batch comes;
+  built, `step` batches are computed and dropped, then the next batch comes;
 - `indexed_restore` (`data.pipeline=indexed`, after): the tasks are read into
   memory, the position saved at `step` (`ift_jax.data.positions`) is read, then
-  the first batch is built;
+  the next batch is built;
 - `indexed_replay`: the indexed stream without a saved position (a checkpoint
   from before positions were saved) computes and drops `step` batches.
 
-The indexed stream's first batch after a restore and after a replay are checked
-equal to the one the uninterrupted stream gives. Also recorded: each stream's
-batches/s while consuming, how full the packed rows are (non-padding tokens),
-and the time and size of saving a position (paid at every checkpoint).
+A first process (`save`) consumes `step` batches of the indexed stream, saves
+its position and the batch that follows; the restored and replayed streams must
+give that batch. Also recorded: each stream's batches/s while consuming, how
+full the packed rows are (share of non-padding tokens), and the time and size
+of saving a position (paid at every checkpoint). With `--cache_dir` (written by
+`ift-jax tasks cache MIXTURE --output=DIR --splits=train`) every process reads
+the tasks from the cache.
 
     IFT_JAX_DATA_DIR=../shared/data python benchmarks/resume_startup.py \\
-        --mixture=ift_multitask --step=500
+        --mixture=ift_multitask --step=500 [--cache_dir=DIR]
 
-Writes `benchmarks/results/resume_startup_<mixture>_<step>.json`.
+Writes `benchmarks/results/resume_startup_<mixture>_<step>[_cached].json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,32 +42,29 @@ import environment
 import results_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
+PHASES = ("save", "seqio_replay", "indexed_restore", "indexed_replay")
 
 
 def _fill(batches: list[dict]) -> dict[str, float]:
     """Share of non-padding tokens in the encoder and decoder rows."""
-    return {side: float(np.mean([(b[key] != 0).mean() for b in batches]))
+    return {side: round(float(np.mean([(b[key] != 0).mean() for b in batches])), 4)
             for side, key in (("inputs", "encoder_input_tokens"),
                               ("targets", "decoder_target_tokens"))}
 
 
-def _consume(batches, count: int) -> tuple[list[dict], float]:
-    """`count` batches (kept without their arrays beyond the token rows) and the time."""
+def _consume(batches, count: int) -> dict:
+    """Takes `count` batches; their rate and how full they are."""
     start = time.perf_counter()
     kept = []
     for _ in range(count):
         batch = next(batches)
         kept.append({k: batch[k] for k in ("encoder_input_tokens", "decoder_target_tokens")})
-    return kept, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return {"batches_per_s": round(count / seconds, 2), "fill": _fill(kept)}
 
 
-def run(args) -> dict:
+def phase(args) -> dict:
+    """One phase in this (fresh) process; its record."""
     from ift_jax import model_setup
     from ift_jax.data import indexed, pipeline, positions
     from configs import default
@@ -71,51 +73,46 @@ def run(args) -> dict:
     model_setup.prepare_data(config)
     spec = pipeline.BatchSpec(args.mixture, "train", args.inputs_length, args.targets_length,
                               batch_size=args.batch_size, pack=True, seed=0, num_epochs=None)
-    workdir = tempfile.mkdtemp(prefix="resume_startup_")
-    result = {"mixture": args.mixture, "step": args.step, "batch_size": args.batch_size,
-              "inputs_length": args.inputs_length, "targets_length": args.targets_length,
-              "cache_dir": args.cache_dir or None}
-
-    # Before: SeqIO's pipeline, built, `step` batches computed and dropped, first batch.
+    expected_file = os.path.join(args.workdir, "expected.npz")
     start = time.perf_counter()
-    seqio_batches = pipeline.numpy_batches(spec)
-    next(seqio_batches)  # The pipeline's work starts with its first element.
-    result["seqio_build_s"] = time.perf_counter() - start
-    consumed, seconds = _consume(seqio_batches, args.step)
-    result["seqio_replay_s"] = time.perf_counter() - start
-    result["seqio_batches_per_s"] = args.step / seconds
-    result["seqio_fill"] = _fill(consumed)
-
-    # The indexed stream of the run that saves: `step` batches, then its position.
-    tasks, result["indexed_load_s"] = _timed(lambda: indexed.load_tasks(spec))
-    stream = indexed.IndexedStream(tasks, spec)
-    consumed, seconds = _consume(stream, args.step)
-    result["indexed_batches_per_s"] = args.step / seconds
-    result["indexed_fill"] = _fill(consumed)
-    _, result["save_position_s"] = _timed(lambda: positions.save(stream, workdir, args.step,
-                                                                 0, 1))
-    result["position_bytes"] = os.path.getsize(positions.path(workdir, args.step, 0, 1))
-    expected = next(stream)
-
-    def resumed(workdir_for_position: str) -> dict:
-        fresh = indexed.IndexedStream(indexed.load_tasks(spec), spec)
-        positions.resume(fresh, workdir_for_position, args.step, 0, 1)
-        return next(fresh)
-
-    restored, result["indexed_restore_s"] = _timed(lambda: resumed(workdir))
-    replayed, result["indexed_replay_s"] = _timed(lambda: resumed(workdir + "_none"))
-    for name, batch in (("restore", restored), ("replay", replayed)):
-        for key, value in expected.items():
-            np.testing.assert_array_equal(batch[key], value, err_msg=f"{name} {key}")
-    result["first_batches_equal"] = True
-    result["speedup_restore_vs_seqio_replay"] = (result["seqio_replay_s"]
-                                                 / result["indexed_restore_s"])
-    result["machine"] = environment.describe("cpu")
-    result["load_at_end"] = environment.load()
-    return result
+    if args.phase == "seqio_replay":
+        batches = pipeline.numpy_batches(spec)
+        next(batches)  # The pipeline's work starts with its first element.
+        record = {"build_s": round(time.perf_counter() - start, 2),
+                  **_consume(batches, args.step - 1)}
+        next(batches)
+        return {**record, "start_s": round(time.perf_counter() - start, 2)}
+    stream = indexed.IndexedStream(indexed.load_tasks(spec), spec)
+    loaded = round(time.perf_counter() - start, 2)
+    if args.phase == "save":
+        record = {"load_s": loaded, **_consume(stream, args.step)}
+        saving = time.perf_counter()
+        positions.save(stream, args.workdir, args.step, 0, 1)
+        record["save_position_s"] = round(time.perf_counter() - saving, 4)
+        record["position_bytes"] = os.path.getsize(positions.path(args.workdir, args.step, 0, 1))
+        np.savez(expected_file, **next(stream))
+        return record
+    where = args.workdir if args.phase == "indexed_restore" else args.workdir + "_none"
+    restored = positions.resume(stream, where, args.step, 0, 1)
+    batch = next(stream)
+    record = {"load_s": loaded, "start_s": round(time.perf_counter() - start, 2),
+              "restored": restored}
+    expected = np.load(expected_file)
+    record["batch_equal"] = all(np.array_equal(batch[k], expected[k]) for k in expected.files)
+    return record
 
 
-def main(argv=None):
+def run_phase(argv: list[str], name: str, workdir: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv,
+                           f"--phase={name}", f"--workdir={workdir}"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"phase {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mixture", default="ift_multitask")
     parser.add_argument("--step", type=int, default=500)
@@ -125,12 +122,29 @@ def main(argv=None):
     parser.add_argument("--cache_dir", default="", help="read tasks from `ift-jax tasks "
                         "cache` output (data.cache_dir)")
     parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))  # `configs`
-    record = run(args)
-    results_file.write(record, args.output_dir, f"resume_startup_{args.mixture}_{args.step}",
-                       "resume_startup.py", argv)
+    if args.phase:
+        print(json.dumps(phase(args)))
+        return 0
+    machine = environment.describe("cpu")
+    workdir = tempfile.mkdtemp(prefix="resume_startup_")
+    phases = {name: run_phase(argv, name, workdir) for name in PHASES}
+    record = {"mixture": args.mixture, "step": args.step, "batch_size": args.batch_size,
+              "inputs_length": args.inputs_length, "targets_length": args.targets_length,
+              "cache_dir": args.cache_dir or None, "phases": phases,
+              "restore_vs_seqio_replay": round(phases["seqio_replay"]["start_s"]
+                                               / phases["indexed_restore"]["start_s"], 2),
+              "first_batches_equal": (phases["indexed_restore"]["batch_equal"]
+                                      and phases["indexed_replay"]["batch_equal"]
+                                      and phases["indexed_restore"]["restored"]),
+              "machine": machine, "load_at_end": environment.load()}
+    name = f"resume_startup_{args.mixture}_{args.step}" + ("_cached" if args.cache_dir else "")
+    results_file.write(record, args.output_dir, name, "resume_startup.py", argv)
+    return 0 if record["first_batches_equal"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
