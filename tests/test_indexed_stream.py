@@ -138,3 +138,22 @@ def test_hosts_reading_examples_hold_disjoint_shards_that_cover_the_split():
     assert sum(t.size for t in shards) == whole.size
     held = sorted(tuple(t.example(i)[0]) for t in shards for i in range(t.size))
     assert held == sorted(tuple(whole.example(i)[0]) for i in range(whole.size))
+
+
+@pytest.mark.parametrize("shard", [None, (1, 2)])
+def test_cached_tasks_read_in_one_pass_equal_seqios_cached_reading(tmp_path, monkeypatch,
+                                                                   shard):
+    import seqio
+    from ift_jax.data import cache
+    cache.write("synthetic_sentiment", str(tmp_path), ["train"], log=lambda _: None)
+    monkeypatch.setattr(cache, "_cache_dir", str(tmp_path))
+    s = spec(batch_size=2)
+    shard_info = seqio.ShardInfo(*shard) if shard else None
+    assert indexed._eos_after_trim_only(seqio.get_mixture_or_task("synthetic_sentiment"))
+    fast = indexed.load_tasks(s, shard_info)[0]
+    monkeypatch.setattr(indexed, "_eos_after_trim_only", lambda task: False)
+    through_seqio = indexed.load_tasks(s, shard_info)[0]
+    assert fast.size == through_seqio.size > 0
+    for field in ("inputs", "input_offsets", "targets", "target_offsets"):
+        np.testing.assert_array_equal(getattr(fast, field), getattr(through_seqio, field))
+    assert fast.inputs.dtype == np.int32 and max(np.diff(fast.input_offsets)) == 48

@@ -99,6 +99,8 @@ def load_tasks(spec: BatchSpec, shard_info: Optional[seqio.ShardInfo] = None
 
 def _read_task(task: seqio.Task, rate: float, spec: BatchSpec,
                shard_info: Optional[seqio.ShardInfo]) -> TaskExamples:
+    if cache.cache_dir() and _eos_after_trim_only(task):
+        return _read_cached(task, rate, spec, shard_info)
     dataset = task.get_dataset(spec.feature_lengths, split=spec.split, shuffle=False,
                                num_epochs=1, shard_info=shard_info,
                                use_cached=bool(cache.cache_dir()))
@@ -110,6 +112,54 @@ def _read_task(task: seqio.Task, rate: float, spec: BatchSpec,
     flat = {name: _concatenate(chunks) for name, chunks in columns.items()}
     return TaskExamples(task.name, rate, flat["inputs"][0], flat["inputs"][1],
                         flat["targets"][0], flat["targets"][1])
+
+
+def _eos_after_trim_only(task: seqio.Task) -> bool:
+    """Whether all `task` does after its cache point is SeqIO's `append_eos_after_trim`
+    on inputs and targets (every instruction task), which `_read_cached` does itself."""
+    steps = list(task.preprocessors)
+    cut = [i for i, p in enumerate(steps) if isinstance(p, seqio.CacheDatasetPlaceholder)]
+    features = task.output_features
+    return (bool(cut) and steps[cut[0] + 1:] == [seqio.preprocessors.append_eos_after_trim]
+            and set(features) == {"inputs", "targets"}
+            and all(f.add_eos for f in features.values()))
+
+
+def _read_cached(task: seqio.Task, rate: float, spec: BatchSpec,
+                 shard_info: Optional[seqio.ShardInfo]) -> TaskExamples:
+    """The cached records of `task` read in one pass (no per-task SeqIO pipeline, whose
+    construction costs more than the reading), trimmed and given EOS as SeqIO does."""
+    cached = cache.read_split(task, spec.split)
+    records = tf.data.TFRecordDataset(cached.files)
+    if shard_info and shard_info.num_shards > 1:  # As `cache.CachedSource` shards.
+        records = records.shard(shard_info.num_shards, shard_info.index)
+    features = {name: tf.io.RaggedFeature(tf.int64) for name in ("inputs", "targets")}
+    columns: dict[str, list] = {"inputs": [], "targets": []}
+    for chunk in records.batch(4096):
+        parsed = tf.io.parse_example(chunk, features)
+        for name in columns:
+            columns[name].append(parsed[name])
+    out = []
+    for name in ("inputs", "targets"):
+        values, offsets = _concatenate(columns[name])
+        eos = task.output_features[name].vocabulary.eos_id
+        out += _trim_append(values, offsets, spec.feature_lengths[name] - 1, eos)
+    return TaskExamples(task.name, rate, *out)
+
+
+def _trim_append(values: np.ndarray, offsets: np.ndarray, keep: int, eos: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Each example cut to its first `keep` tokens, then `eos` appended (SeqIO's
+    `append_eos_after_trim`), on concatenated examples."""
+    lengths = np.diff(offsets)
+    kept = np.minimum(lengths, keep)
+    within = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
+    new_offsets = np.concatenate([[0], np.cumsum(kept + 1)]).astype(np.int64)
+    out = np.full(new_offsets[-1], eos, np.int32)
+    starts = np.repeat(new_offsets[:-1], lengths)
+    mask = within < keep
+    out[(starts + within)[mask]] = values[mask]
+    return out, new_offsets
 
 
 def _concatenate(chunks: Sequence[tf.RaggedTensor]) -> tuple[np.ndarray, np.ndarray]:
