@@ -1,6 +1,7 @@
 """The indexed training stream: SeqIO's features, whole epochs, the mixture's rates,
 and a saved position that continues exactly where an uninterrupted stream goes."""
 
+import functools
 import json
 
 import numpy as np
@@ -20,8 +21,13 @@ def spec(name="synthetic_sentiment", batch_size=4, pack=True, shuffle=True, seed
                               shuffle=shuffle, seed=seed)
 
 
+@functools.lru_cache(maxsize=None)
+def _tasks(name):  # Read once per module: every spec here has the same lengths.
+    return tuple(indexed.load_tasks(spec(name)))
+
+
 def stream(s, host_rows=None):
-    return indexed.IndexedStream(indexed.load_tasks(s), s, host_rows)
+    return indexed.IndexedStream(_tasks(s.mixture_or_task), s, host_rows)
 
 
 def draw(source, count):
@@ -133,27 +139,26 @@ def test_hosts_building_the_global_batch_keep_their_rows():
 def test_hosts_reading_examples_hold_disjoint_shards_that_cover_the_split():
     import seqio
     s = spec(pack=False, shuffle=False)
-    whole = indexed.load_tasks(s)[0]
+    whole = _tasks(s.mixture_or_task)[0]
     shards = [indexed.load_tasks(s, seqio.ShardInfo(i, 2))[0] for i in range(2)]
     assert sum(t.size for t in shards) == whole.size
     held = sorted(tuple(t.example(i)[0]) for t in shards for i in range(t.size))
     assert held == sorted(tuple(whole.example(i)[0]) for i in range(whole.size))
 
 
-@pytest.mark.parametrize("shard", [None, (1, 2)])
-def test_cached_tasks_read_in_one_pass_equal_seqios_cached_reading(tmp_path, monkeypatch,
-                                                                   shard):
+def test_cached_tasks_read_in_one_pass_equal_seqios_cached_reading(tmp_path, monkeypatch):
     import seqio
     from ift_jax.data import cache
     cache.write("synthetic_sentiment", str(tmp_path), ["train"], log=lambda _: None)
     monkeypatch.setattr(cache, "_cache_dir", str(tmp_path))
     s = spec(batch_size=2)
-    shard_info = seqio.ShardInfo(*shard) if shard else None
     assert indexed._eos_after_trim_only(seqio.get_mixture_or_task("synthetic_sentiment"))
-    fast = indexed.load_tasks(s, shard_info)[0]
+    shards = (None, seqio.ShardInfo(1, 2))
+    fast = [indexed.load_tasks(s, shard)[0] for shard in shards]
     monkeypatch.setattr(indexed, "_eos_after_trim_only", lambda task: False)
-    through_seqio = indexed.load_tasks(s, shard_info)[0]
-    assert fast.size == through_seqio.size > 0
-    for field in ("inputs", "input_offsets", "targets", "target_offsets"):
-        np.testing.assert_array_equal(getattr(fast, field), getattr(through_seqio, field))
-    assert fast.inputs.dtype == np.int32 and max(np.diff(fast.input_offsets)) == 48
+    for shard, ours in zip(shards, fast):
+        through_seqio = indexed.load_tasks(s, shard)[0]
+        assert ours.size == through_seqio.size > 0
+        for field in ("inputs", "input_offsets", "targets", "target_offsets"):
+            np.testing.assert_array_equal(getattr(ours, field), getattr(through_seqio, field))
+    assert fast[0].inputs.dtype == np.int32 and max(np.diff(fast[0].input_offsets)) == 48
