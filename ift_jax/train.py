@@ -215,11 +215,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
     def save(step: int, force: bool = False) -> None:
         """Checkpoints `state` at `step`, with the indexed stream's position first."""
+        host = (jax.process_index(), jax.process_count())
         if stream is not None:
-            positions.save(stream, workdir, step, jax.process_index(), jax.process_count())
+            positions.save(stream, workdir, step, *host)
         ckpt.save(step, state, setup.checkpoint_meta(), force=force)
         if stream is not None:
-            positions.drop_except(workdir, set(ckpt.all_steps()) | {step})
+            positions.drop_except(workdir, set(ckpt.all_steps()) | {step}, *host)
 
     def evaluated(step: int, point: Optional[dict]) -> str:
         """Keeps the best checkpoint (saving the step if it has none); the early stop's

@@ -125,7 +125,7 @@ def test_a_position_of_another_stream_is_not_used(tmp_path, caplog):
     with caplog.at_level("INFO"):
         assert not positions.resume(other, str(tmp_path), 1, 0, 1)
     assert "is of another stream (spec differ); replaying 1 batches" in caplog.text
-    positions.drop_except(str(tmp_path), {2})
+    positions.drop_except(str(tmp_path), {2}, 0, 1)
     assert not (tmp_path / "data_position" / "1").exists()
 
 

@@ -71,19 +71,17 @@ def _usable(target: str, stream: IndexedStream) -> tuple[Optional[dict], str]:
     return record, ""
 
 
-def drop_except(workdir: str, keep: set[int]) -> None:
-    """Removes the positions of steps not in `keep` (their checkpoints are gone).
-    Any host may call it; a folder another host already removed is fine."""
+def drop_except(workdir: str, keep: set[int], process: int, processes: int) -> None:
+    """Removes this host's positions of steps not in `keep` (their checkpoints are
+    gone), and a step's folder once no host's position is left in it."""
     folder = os.path.join(workdir, FOLDER)
     if not fileio.isdir(folder):
         return
     for name in fileio.listdir(folder):
         if name.isdigit() and int(name) not in keep:
-            step_dir = os.path.join(folder, name)
-            for file in fileio.listdir(step_dir) if fileio.isdir(step_dir) else []:
-                fileio.remove(os.path.join(step_dir, file))
-            if not fileio.is_remote(step_dir):
+            fileio.remove(path(workdir, int(name), process, processes))
+            if not fileio.is_remote(folder):  # Buckets have no folders to remove.
                 try:
-                    os.rmdir(step_dir)
-                except OSError:  # Another host's file is still there; it removes it.
+                    os.rmdir(os.path.join(folder, name))
+                except OSError:  # Another host's position is still there; it removes it.
                     pass
