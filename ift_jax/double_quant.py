@@ -3,9 +3,9 @@
 qwix stores a QLoRA kernel as NF4 values and one fp32 scale per tile of
 `tile_size` inputs (64: 32/64 = 0.5 bits per weight). Double quantization
 stores those scales as FP8 (`float8_e4m3fn`) codes instead, after
-subtracting their mean (one fp32 per kernel, so the codes are centred on
-zero), with one fp32 step per block of 256 scales: 8/64 + 32/(64 * 256)
-= 0.127 bits per weight, plus 32 bits per kernel for the mean. The
+subtracting their mean (one per kernel, in the scales' dtype, so the codes
+are centred on zero), with one fp32 step per block of 256 scales: 8/64 +
+32/(64 * 256) = 0.127 bits per weight, plus the mean's 32 bits per kernel. The
 frozen param then holds a `DoubleQuantScale` where qwix's `QArray.scale`
 was; the fp32 scales exist only inside a step, rebuilt by `expanded` just
 before qwix's matmul dequantizes the kernel.
@@ -48,28 +48,28 @@ class DoubleQuantScale:
     Attributes:
       codes: `float8_e4m3fn`, the scale's shape: `(scale - mean) / step`.
       step: fp32, one per block (`codes.shape / block_tile`): block absmax / 448.
-      mean: fp32, shape `(1,) * ndim`: the mean of all the kernel's scales.
-      out_dtype: the dtype `expand` gives (qwix's `astype` on a QArray casts
-        its scale, and the scale's dtype is the dequantized kernel's).
+      mean: shape `(1,) * ndim`: the mean of all the kernel's scales, in the
+        scales' own dtype, which is this scale's `dtype` as qwix reads it (the
+        dequantized kernel's, and QLoRA's A and B's).
     """
 
     codes: Array
     step: Array
     mean: Array
-    out_dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
 
     shape = property(lambda self: self.codes.shape)
     ndim = property(lambda self: self.codes.ndim)
-    dtype = property(lambda self: jnp.dtype(self.out_dtype))
+    dtype = property(lambda self: self.mean.dtype)
 
     def astype(self, dtype: Any) -> "DoubleQuantScale":
-        return self.replace(out_dtype=jnp.dtype(dtype))
+        """qwix's `QArray.astype` casts the scale: the dequantized kernel's dtype."""
+        return self.replace(mean=self.mean.astype(dtype))
 
     def expand(self) -> Array:
-        """The scales, `out_dtype`, as qwix's `QArray.scale` holds them."""
+        """The scales, in `dtype`, as qwix's `QArray.scale` holds them."""
         steps = qarray.call_with_generic_broadcast(
             jnp.multiply, self.codes.astype(jnp.float32), self.step)
-        return (steps + self.mean).astype(self.out_dtype)
+        return (steps + self.mean.astype(jnp.float32)).astype(self.dtype)
 
 
 def block_tile(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, ...]:
@@ -85,15 +85,15 @@ def block_tile(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, ...]:
 def quantize_scale(scale: Array, block: int = BLOCK) -> DoubleQuantScale:
     """`scale` (fp32, any rank) double-quantized: mean-centred FP8 codes per block."""
     x = scale.astype(jnp.float32)
-    mean = jnp.mean(x, keepdims=True)
-    centred = x - mean
+    mean = jnp.mean(x, keepdims=True).astype(scale.dtype)  # as stored: codes centre on it
+    centred = x - mean.astype(jnp.float32)
     tile = block_tile(x.shape, block)
     split = qarray.split_axis(jnp.abs(centred), dict(enumerate(tile)))
     absmax = jnp.max(split, axis=tuple(range(1, 2 * x.ndim, 2)))
     step = jnp.where(absmax > 0, absmax / CODE_MAX, 1.0)
     codes = qarray.call_with_generic_broadcast(jnp.divide, centred, step)
     codes = jnp.clip(codes, -CODE_MAX, CODE_MAX).astype(CODE_DTYPE)
-    return DoubleQuantScale(codes, step, mean, out_dtype=jnp.dtype(scale.dtype))
+    return DoubleQuantScale(codes, step, mean)
 
 
 def is_double_quantized(x: Any) -> bool:

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ift_jax import config_checks, double_quant, errors, hf, lora, partitioning, peft, runs, train
+from ift_jax import (config_checks, double_quant, errors, hf, lora, partitioning, peft, plan,
+                     runs, train)
 from ift_jax import param_trees as trees
 from ift_jax.models import t5
 from test_train import tiny_config
@@ -59,6 +60,7 @@ def test_double_quantized_scales_are_within_fp8_rounding_of_the_fp32_scales():
     assert np.all(error <= bound)
     assert error.max() > 0.2 * RELATIVE * np.abs(centred).max()  # really 8-bit, not fp32
     assert dq.astype(jnp.bfloat16).expand().dtype == jnp.bfloat16  # qwix casts scales
+    assert double_quant.quantize_scale(scale.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_a_constant_block_keeps_its_exact_value():
@@ -148,6 +150,7 @@ def test_a_qlora_run_with_double_quant_trains_checkpoints_and_resumes(base_param
     config.peft.lora_targets, config.peft.qlora_double_quant = "all", True
     config.peft.lora_rank, config.peft.qlora_tile_size = 4, 8
     config.optimizer.learning_rate = 1e-2
+    config.model.dtype = "bfloat16"  # init quantizes bf16 kernels, the run its fp32 base
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir)
     config.train.steps = 4
@@ -164,3 +167,20 @@ def test_a_qlora_run_with_double_quant_trains_checkpoints_and_resumes(base_param
     kernels = [v for v in trees.flatten(params).values() if trees.is_quantized(v)]
     assert len(kernels) == 18 and all(double_quant.is_double_quantized(v) for v in kernels)
     assert all(v.array.scale.codes.dtype == jnp.float8_e4m3fn for v in kernels)
+
+
+def test_plan_counts_the_scales_as_a_run_stores_them():
+    """fp32 scales (a run quantizes its fp32 base, even with bf16 compute) against FP8
+    codes plus an fp32 step per block and a mean per kernel."""
+    totals = {}
+    for dq in (False, True):
+        config = tiny_config()
+        config.model.dtype, config.peft.method = "bfloat16", "qlora"
+        config.peft.lora_targets, config.peft.qlora_double_quant = "all", dq
+        config.peft.lora_rank, config.peft.qlora_tile_size = 4, 8
+        totals[dq] = plan.compile_step(config).params_total_bytes
+    _, model = _qlora(True)
+    scales = [v.array.scale for v in trees.flatten(nn.unbox(peft.abstract_params(model)))
+              .values() if trees.is_quantized(v)]
+    expected = sum(3 * math.prod(s.shape) - 4 * math.prod(s.step.shape) - 4 for s in scales)
+    assert totals[False] - totals[True] == expected
