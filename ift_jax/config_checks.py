@@ -142,6 +142,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "peft.lora_alpha": _number(0.0, low_open=True, what="LoRA scale is alpha / r"),
     "peft.lora_dropout": _number(0.0, 1.0, high_open=True),
     "peft.qlora_tile_size": _int_at_least(1, "NF4 quantization tile"),
+    "peft.qlora_double_quant": _boolean,
     "peft.prompt_length": _int_at_least(1, "prompt tokens"),
     "peft.prompt_init": _one_of(peft.PROMPT_INITS),
     "model.dropout_rate": _number(0.0, 1.0, high_open=True),
@@ -170,6 +171,7 @@ def validate(config: Any) -> None:
     _check_zero_steps(config)
     _check_microbatches(config)
     _check_schedule(config)
+    _check_double_quant(config)
     _check_best(config)
     _check_prompt_init(config)
     sizes = mesh_sizes(config)
@@ -304,3 +306,12 @@ def _check_schedule(config: Any) -> None:
                 f"is not below train.steps={steps}: schedule {schedule!r} would never "
                 f"reach optimizer.learning_rate",
                 f"set --config.optimizer.warmup_steps below {steps} (or more train.steps)")
+
+
+def _check_double_quant(config: Any) -> None:
+    method = get(config, "peft.method")
+    if get(config, "peft.qlora_double_quant") is not True or method in (_MISSING, "qlora"):
+        return
+    raise _fail("peft.qlora_double_quant", True,
+                f"double-quantizes QLoRA's NF4 scales; peft.method is {method!r}",
+                "set --config.peft.method=qlora (or peft.qlora_double_quant=False)")

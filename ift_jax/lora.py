@@ -15,7 +15,10 @@ not have:
   `[batch, r, out]`, each example (row block of the projection's input) uses
   its own A and B, which already carry their adapter's scale.
 
-rsLoRA (Kalajdzievski 2023) only changes the scale to `alpha / sqrt(r)`.
+QLoRA's double quantization (`LoraConfig.double_quant`) stores the NF4
+scales in 8 bits (`ift_jax.double_quant`); the provider expands them just
+before qwix's matmul. rsLoRA (Kalajdzievski 2023) only changes the scale to
+`alpha / sqrt(r)`.
 `combine` builds one adapter from several, as HF PEFT's `add_weighted_adapter`.
 """
 
@@ -32,10 +35,13 @@ from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from qwix._src.core import dot_general as qwix_dot_general
+from qwix._src.core import einsum as qwix_einsum
 from qwix._src.providers import lora as qwix_lora
 from qwix._src.providers import ptq as qwix_ptq
 from qwix._src.utils import flax_util
 
+from ift_jax import double_quant
 from ift_jax import param_trees as trees
 from ift_jax.param_trees import PeftError
 
@@ -102,6 +108,7 @@ class LoraConfig:
         `decoder/layers_0/encoder_decoder_attention/query`.
       quantize, weight_qtype, tile_size: QLoRA's frozen base kernels in
         `weight_qtype` with one scale per `tile_size` inputs per output.
+      double_quant: QLoRA's scales stored in 8 bits (`ift_jax.double_quant`).
       use_rslora: scale `alpha / sqrt(rank)` instead (PEFT's `use_rslora`).
       use_dora: DoRA's magnitude and direction (PEFT's `use_dora`).
     """
@@ -113,6 +120,7 @@ class LoraConfig:
     quantize: bool = False
     weight_qtype: str = "nf4"
     tile_size: int = 64
+    double_quant: bool = False
     use_rslora: bool = False
     use_dora: bool = False
 
@@ -123,6 +131,9 @@ class LoraConfig:
         if self.use_dora and self.quantize:
             raise PeftError("DoRA on QLoRA's NF4 kernels is not implemented; use method "
                             "'lora' with lora_use_dora, or 'qlora' without it")
+        if self.double_quant and not self.quantize:
+            raise PeftError("double quantization is of QLoRA's NF4 scales; use method 'qlora' "
+                            "(quantize=True) or leave qlora_double_quant off")
 
     @property
     def scale(self) -> float:
@@ -157,8 +168,25 @@ def dora_norm(kernel_IxO: Array, lora_a: Array, lora_b: Array, scale: float) -> 
     return jnp.linalg.norm(w, axis=0)
 
 
+def _dot_general(lhs, rhs, dimension_numbers, **kwargs) -> Array:
+    return qwix_dot_general.dot_general(lhs, double_quant.expanded(rhs), dimension_numbers,
+                                        **kwargs)
+
+
+def _einsum(einsum_str, lhs, rhs, **kwargs) -> Array:
+    return qwix_einsum.einsum(einsum_str, lhs, double_quant.expanded(rhs), **kwargs)
+
+
 class _LoraProvider(qwix.LoraProvider):
-    """See the module docstring: per-row A/B and DoRA; everything else is qwix's."""
+    """See the module docstring: per-row A/B, DoRA and double quantization; the rest is qwix's."""
+
+    def __init__(self, rules, *, double_quant_scales: bool = False):
+        super().__init__(rules)
+        if double_quant_scales:
+            # qwix's PtqProvider hooks (its constructor takes them; LoraProvider's does not):
+            # weights quantized with 8-bit scales, expanded again inside the matmul.
+            self._qarray_module = double_quant.DOUBLE_QUANT_ARRAYS
+            self._dot_general_fn, self._einsum_fn = _dot_general, _einsum
 
     def dot_general(self, lhs, rhs, dimension_numbers, precision=None,
                     preferred_element_type=None, out_sharding=None):
@@ -275,13 +303,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, for_eval: bool = False) -> 
       PeftError: the regex matches no kernel (the message lists them all).
     """
     lora_targets(model, cfg)
-    provider = _LoraProvider([cfg.rule(for_eval)])
+    provider = _LoraProvider([cfg.rule(for_eval)], double_quant_scales=cfg.double_quant)
     methods = [m for m in _INTERCEPTED_METHODS if hasattr(type(model), m)]
     return qwix.apply_lora_to_model(model, provider, methods=methods)
 
 
 def _dequantize(leaf: Any) -> Array:
-    return qwix.dequantize(leaf.array) if trees.is_quantized(leaf) else leaf
+    if not trees.is_quantized(leaf):
+        return leaf
+    return qwix.dequantize(double_quant.expanded(leaf.array))
 
 
 def merged_kernel(kernel: Array, lora_a: Array, lora_b: Array, cfg: LoraConfig,

@@ -269,6 +269,7 @@ def lora_config(peft_cfg: ml_collections.ConfigDict, quantize: bool) -> peft.Lor
         rank=peft_cfg.lora_rank, alpha=peft_cfg.lora_alpha, dropout=peft_cfg.lora_dropout,
         target_regex=lora.target_regex(peft_cfg.lora_targets), quantize=quantize,
         tile_size=peft_cfg.qlora_tile_size,
+        double_quant=quantize and bool(peft_cfg.get("qlora_double_quant", False)),
         use_rslora=bool(peft_cfg.get("lora_use_rslora", False)),
         use_dora=bool(peft_cfg.get("lora_use_dora", False)))
 

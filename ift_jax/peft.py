@@ -49,7 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from qwix._src.core import qarray
 
+from ift_jax import double_quant
 from ift_jax import param_trees as trees
 from ift_jax.lora import (  # noqa: F401  (the LoRA part of this module's API)
     DEFAULT_LORA_TARGETS, LORA_LEAVES, MAGNITUDE_LEAF, LoraConfig, apply_lora,
@@ -328,8 +330,13 @@ def init_adapters(model: nn.Module, base_params: PyTree, rng: Array,
     # silently skips the adapters of a numpy kernel.
     base_flat = {k: jnp.asarray(v) for k, v in base_flat.items()}
     full_precision = dict(base_flat)
-    if any(trees.is_quantized(v) for v in abstract_flat.values()):
-        base_flat = trees.flatten(qwix.quantize_params(trees.unflatten(base_flat), abstract))
+    quantized = [v for v in abstract_flat.values() if trees.is_quantized(v)]
+    if quantized:
+        # The model's own quantizer: with double quantization, scales in 8 bits.
+        arrays = (double_quant.DOUBLE_QUANT_ARRAYS
+                  if any(double_quant.is_double_quantized(v) for v in quantized) else qarray)
+        base_flat = trees.flatten(qwix.quantize_params(
+            trees.unflatten(base_flat), abstract, _qarray_module=arrays))
     extra = getattr(model, "additions", additions_lib.Additions())
     new_keys = [k for k in abstract_flat if k not in base_flat]
     new = {key: _new_leaf(key, r, abstract_flat, full_precision, extra, prompt_cfg)

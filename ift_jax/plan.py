@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ift_jax import config_checks, errors, model_setup, partitioning, peft, train_step
+from ift_jax import config_checks, double_quant, errors, model_setup, partitioning, peft
+from ift_jax import train_step
 from ift_jax import param_trees as trees
 
 GiB = 1024 ** 3
@@ -143,8 +144,24 @@ def _frozen_abstract(setup, frozen: Any, shardings: Any) -> Any:
     def cast(x, sharding):
         if not trees.is_quantized(x) and jnp.issubdtype(x.dtype, jnp.floating):
             return _abstract(jax.ShapeDtypeStruct(x.shape, dtype), sharding)
-        return jax.tree.map(_abstract, x, sharding)  # QLoRA: NF4 values and their scales.
+        return _quantized_abstract(x, sharding, dtype)
     return jax.tree.map(cast, frozen, shardings, is_leaf=trees.is_quantized)
+
+
+def _quantized_abstract(x: Any, sharding: Any, dtype: Any) -> Any:
+    """QLoRA's NF4 values and their scales. A run quantizes its base in the frozen dtype
+    (`peft.init_adapters`), so plain scales are in that dtype, although the model's init
+    (which made `x`) quantized kernels cast to the compute dtype; double-quantized scales
+    (FP8 codes, fp32 steps) keep theirs but for the mean, in the scales' dtype."""
+    x = jax.tree.map(_abstract, x, sharding)
+    scale = x.array.scale
+    if double_quant.is_double_quantized(x):
+        return x.replace(array=x.array.replace(scale=scale.replace(mean=_in(scale.mean, dtype))))
+    return x.replace(array=x.array.replace(scale=_in(scale, dtype)))
+
+
+def _in(x: jax.ShapeDtypeStruct, dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
 
 
 def compile_step(config: ml_collections.ConfigDict, mesh_sizes: Optional[dict] = None
