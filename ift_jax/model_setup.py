@@ -385,6 +385,7 @@ def initialize(setup: Setup, mesh: jax.sharding.Mesh, *, restoring: bool = False
     if setup.config.init_from:
         params = _with_base(setup, params, param_shardings, mask)
     trainable, frozen = peft.split_params(params, mask)
+    trainable = jax.tree.map(_fp32_master, trainable)
     trainable_sh, frozen_sh = peft.split_params(param_shardings, mask)
     frozen = _cast_frozen_on_devices(frozen, frozen_dtype(setup), frozen_sh)
     trainable_abstract = jax.tree.map(_abstract, trainable, trainable_sh)
@@ -400,6 +401,21 @@ def initialize(setup: Setup, mesh: jax.sharding.Mesh, *, restoring: bool = False
         state = TrainState(jnp.zeros((), jnp.int32), trainable, init_optimizer(trainable))
         state = jax.device_put(state, state_sh)
     return Initialized(state, frozen, Shardings(state_sh, frozen_sh))
+
+
+def _fp32_master(x: Any) -> Any:
+    """A trainable float leaf in float32 at least: the master weights the optimizer
+    updates. qwix gives QLoRA's A and B the dtype of the kernel's scales, which is
+    the compute dtype (bf16) when the model runs in it; every other method's
+    trainable params are float32 already."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    if dtype == x.dtype:
+        return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
 
 
 def _abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:

@@ -167,6 +167,9 @@ def test_a_qlora_run_with_double_quant_trains_checkpoints_and_resumes(base_param
     kernels = [v for v in trees.flatten(params).values() if trees.is_quantized(v)]
     assert len(kernels) == 18 and all(double_quant.is_double_quantized(v) for v in kernels)
     assert all(v.array.scale.codes.dtype == jnp.float8_e4m3fn for v in kernels)
+    # Trained in bf16 compute, A and B are fp32 master weights (qwix would make them bf16).
+    adapters = {k: v for k, v in trees.flatten(params).items() if k[-1] in peft.LORA_LEAVES}
+    assert len(adapters) == 36 and {v.dtype for v in adapters.values()} == {np.dtype("float32")}
 
 
 def test_plan_counts_the_scales_as_a_run_stores_them():
