@@ -110,17 +110,25 @@ class Plan:
         return "\n".join(lines)
 
 
+def _bytes(shape: tuple[int, ...], dtype: Any) -> int:
+    """Bytes of an array as XLA stores it: sub-byte types (QLoRA's NF4 values, `uint4`)
+    packed, two a byte, not numpy's one-byte itemsize."""
+    dtype = jnp.dtype(dtype)
+    bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else 8 * dtype.itemsize
+    return -(-math.prod(shape) * bits // 8)
+
+
 def _shard_bytes(tree: Any) -> int:
     """Bytes of one device's shards of abstract arrays with shardings."""
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+        total += _bytes(shape, x.dtype)
     return total
 
 
 def _total_bytes(tree: Any) -> int:
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    return sum(_bytes(x.shape, x.dtype) for x in jax.tree.leaves(tree))
 
 
 def _abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:

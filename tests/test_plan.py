@@ -52,3 +52,13 @@ def test_a_topology_with_another_device_count_is_planned_in_a_subprocess():
 def test_cli_plan_refuses_a_bad_mesh_in_one_line(capsys):
     assert cli.main(["plan", "--mesh=2,4"]) == 2
     assert "--mesh='2,4' must be three sizes" in capsys.readouterr().err
+
+
+def test_param_bytes_count_nf4_values_packed_as_xla_stores_them():
+    import jax
+    import jax.numpy as jnp
+    f = jax.jit(lambda x: x.astype(jnp.float32).sum())
+    for dtype in (jnp.uint4, jnp.int8, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float32):
+        arg = jax.ShapeDtypeStruct((4096 + 2,), dtype)
+        xla = f.lower(arg).compile().memory_analysis().argument_size_in_bytes
+        assert plan._total_bytes([arg]) == xla, dtype
