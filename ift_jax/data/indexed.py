@@ -246,12 +246,10 @@ class IndexedStream(Iterator[dict[str, np.ndarray]]):
                 self._take(task)
             return rows
         used = np.zeros((size, 2), np.int64)  # Tokens taken in each row: inputs, targets.
-        room = np.asarray(self.spec.feature_lengths["inputs"]), np.asarray(
-            self.spec.feature_lengths["targets"])
+        room = np.asarray([self.spec.inputs_length, self.spec.targets_length])
         while True:
             task, inputs, targets = self._peek()
-            fits = np.flatnonzero((used[:, 0] + len(inputs) <= room[0])
-                                  & (used[:, 1] + len(targets) <= room[1]))
+            fits = np.flatnonzero((used + (len(inputs), len(targets)) <= room).all(axis=1))
             if not len(fits):
                 return rows
             row = int(fits[0])
