@@ -287,7 +287,7 @@ def test_task_cache_measures_both_sides_on_tiny_and_they_agree(results_dir):
     record = read(os.path.join(results_dir, "task_cache_tiny_x2.json"))
     assert record["same_batches"], record["sides"]
     assert record["cache"]["tasks"] == 2 and record["cache"]["examples"] == 400
-    for side in ("uncached", "cached"):
+    for side in ("uncached", "cached", "indexed"):
         assert record["sides"][side]["startup_s"] > 0
         assert record["sides"][side]["examples_per_s"] > 0
 
