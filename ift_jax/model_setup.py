@@ -385,7 +385,7 @@ def initialize(setup: Setup, mesh: jax.sharding.Mesh, *, restoring: bool = False
     if setup.config.init_from:
         params = _with_base(setup, params, param_shardings, mask)
     trainable, frozen = peft.split_params(params, mask)
-    trainable = jax.tree.map(_fp32_master, trainable)
+    trainable = jax.tree.map(fp32_master, trainable)
     trainable_sh, frozen_sh = peft.split_params(param_shardings, mask)
     frozen = _cast_frozen_on_devices(frozen, frozen_dtype(setup), frozen_sh)
     trainable_abstract = jax.tree.map(_abstract, trainable, trainable_sh)
@@ -403,11 +403,12 @@ def initialize(setup: Setup, mesh: jax.sharding.Mesh, *, restoring: bool = False
     return Initialized(state, frozen, Shardings(state_sh, frozen_sh))
 
 
-def _fp32_master(x: Any) -> Any:
+def fp32_master(x: Any) -> Any:
     """A trainable float leaf in float32 at least: the master weights the optimizer
     updates. qwix gives QLoRA's A and B the dtype of the kernel's scales, which is
     the compute dtype (bf16) when the model runs in it; every other method's
-    trainable params are float32 already."""
+    trainable params are float32 already. `plan` applies it too, so it plans the
+    state a run holds."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         return x
     dtype = jnp.promote_types(x.dtype, jnp.float32)

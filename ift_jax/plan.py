@@ -193,7 +193,8 @@ def compile_step(config: ml_collections.ConfigDict, mesh_sizes: Optional[dict] =
     mask = setup.trainable_mask(params)
     trainable, frozen = peft.split_params(params, mask)
     trainable_sh, frozen_sh = peft.split_params(shardings, mask)
-    trainable = jax.tree.map(_abstract, trainable, trainable_sh)
+    trainable = jax.tree.map(lambda x, sh: _abstract(model_setup.fp32_master(x), sh),
+                             trainable, trainable_sh)
     frozen = _frozen_abstract(setup, frozen, frozen_sh)
     with partitioning.mesh_context(mesh):
         opt_sh = jax.jit(setup.optimizer.init).lower(trainable).compile().output_shardings
