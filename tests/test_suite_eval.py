@@ -1,8 +1,6 @@
 """Benchmark suites in evaluation: near-chance random model, `eval --suites`, refusals."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -49,10 +47,26 @@ def hf_dir(tmp_path_factory):
     return str(out)
 
 
+# Eval settings of the suite test (`eval --config`, CI time): one padded input length
+# (prompts cut to their last 256 bytes) instead of four buckets up to the suite's own
+# length, so the seven GLUE tasks share compiled input shapes.
+EVAL_CONFIG = """
+from ift_jax.configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.eval.length_buckets, c.eval.suite_inputs_length = 1, 256
+    return c
+"""
+
+
 def test_eval_of_an_hf_model_on_a_suite_writes_the_suite_aggregates(hf_dir, tmp_path):
     out = tmp_path / "glue_eval"
+    config = tmp_path / "eval_config.py"
+    config.write_text(EVAL_CONFIG)
     assert cli.main(["eval", f"--init_from={hf_dir}", "--suites=glue", "--vocab=byte",
-                     "--max_examples=3", f"--workdir={out}"]) == 0
+                     "--max_examples=3", f"--config={config}", f"--workdir={out}"]) == 0
     step0 = json.loads((out / "eval" / "step_0.json").read_text())
     assert set(step0["tasks"]) == set(suites.get("glue").tasks)
     glue = step0["suites"]["glue"]
@@ -65,28 +79,27 @@ def test_eval_of_an_hf_model_on_a_suite_writes_the_suite_aggregates(hf_dir, tmp_
     assert "rougeLsum splits sentences with `pysbd`" in readme
 
 
-def _ift_jax(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "ift_jax", *args], capture_output=True,
-                          text=True, env=env, timeout=600)
+def _last_error_line(capsys, *argv) -> str:
+    """`ift-jax ARGV` in this process: exit status 2 and its last stderr line."""
+    assert cli.main(list(argv)) == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_bad_suite_input_is_one_line(hf_dir, tmp_path):
-    import os
-    unknown = _ift_jax("eval", f"--init_from={hf_dir}", "--suites=mmlu_6shot",
-                       f"--workdir={tmp_path}/a")
-    assert unknown.returncode == 2
-    assert unknown.stderr.strip().splitlines()[-1].startswith(
+def test_bad_suite_input_is_one_line(hf_dir, tmp_path, monkeypatch, capsys):
+    # In this process (test_cli checks that an `ift-jax` process prints errors as one line).
+    line = _last_error_line(capsys, "eval", f"--init_from={hf_dir}", "--suites=mmlu_6shot",
+                            f"--workdir={tmp_path}/a")
+    assert line.startswith(
         "ift-jax eval: error: unknown suite 'mmlu_6shot'; suites: bbh_cot, bbh_direct, ")
     empty = tmp_path / "no_data"
     empty.mkdir()
-    env = {**os.environ, "IFT_JAX_DATA_DIR": str(empty)}
-    missing = _ift_jax("train", f"--workdir={tmp_path}/b", "--config.eval.suites=bbh_direct",
-                       env=env)
-    assert missing.returncode == 2
-    line = missing.stderr.strip().splitlines()[-1]
+    with monkeypatch.context() as m:
+        m.setenv("IFT_JAX_DATA_DIR", str(empty))
+        line = _last_error_line(capsys, "train", f"--workdir={tmp_path}/b",
+                                "--config.eval.suites=bbh_direct")
     assert f"data folder {empty}/bbh is missing" in line and "bbh/SOURCE.md" in line
     assert not (tmp_path / "b").exists()
-    trained = _ift_jax("train", f"--workdir={tmp_path}/c", "--config.data.mixture=mmlu_5shot")
-    assert trained.returncode == 2
-    assert "contains benchmark task 'mmlu_5shot'" in trained.stderr.strip().splitlines()[-1]
+    line = _last_error_line(capsys, "train", f"--workdir={tmp_path}/c",
+                            "--config.data.mixture=mmlu_5shot")
+    assert "contains benchmark task 'mmlu_5shot'" in line
     assert not (tmp_path / "c").exists()
