@@ -307,10 +307,11 @@ def test_scaling_plan_add_keeps_earlier_cells_and_credits_each_run(tmp_path):
              "not_planned": [{"size": "xl", "method": "lora", "levers": "off",
                               "topology": "v4-8"}]}
     second = {**run, "date": "d2", "command": "c2", "rows": [
-        _plan_row("xl", "on", "v4-8", 8), _plan_row("xl", "off", "v4-8", 9)], "not_planned": []}
+        _plan_row("xl", "on", "v4-8", 8), _plan_row("xl", "off", "v4-8", 9),
+        _plan_row("xl", "scan", "v4-8", 6)], "not_planned": []}
     added = scaling_plan._added(first, second)
     assert sorted((r["size"], r["levers"], r["peak_bytes"], r["run"]) for r in added["rows"]) == [
-        ("base", "on", 5, 0), ("xl", "off", 9, 1), ("xl", "on", 8, 1)]
+        ("base", "on", 5, 0), ("xl", "off", 9, 1), ("xl", "on", 8, 1), ("xl", "scan", 6, 1)]
     assert added["not_planned"] == [] and [r["command"] for r in added["runs"]] == ["c1", "c2"]
     doc = tmp_path / "scaling.md"
     doc.write_text("# Scaling\n")
@@ -318,6 +319,9 @@ def test_scaling_plan_add_keeps_earlier_cells_and_credits_each_run(tmp_path):
     text = doc.read_text()
     assert "`c1` on d1" in text and "`c2` on d2" in text and "(rows marked 2)" in text
     assert "| 2.00 | 1.00 (one layer: scanned) | 3 (2) |" in text
+    # Rows in the levers' order: on, scan (remat and bf16 frozen weights off), off.
+    levers = [line.split(" | ")[2] for line in text.splitlines() if line.startswith("| xl |")]
+    assert levers == ["on", "scan", "off"]
 
 
 def test_resume_startup_measures_both_streams_and_the_restored_batch_agrees(results_dir):
