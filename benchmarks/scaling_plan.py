@@ -14,7 +14,7 @@ Levers: `off` = no remat, unrolled layers, frozen weights in float32; `on` =
 `model.remat=full`, `model.scan_layers=True`, `peft.frozen_dtype=bfloat16`; `scan` =
 `off` but with scanned layers: the memory levers (remat, bf16 frozen weights) off at
 the compile time of one layer (an unrolled step takes minutes on a 2-core machine:
-FLAN-T5-large LoRA 252 s; a scanned one 7-28 s at any size).
+FLAN-T5-large LoRA 252 s; a scanned one 6-32 s at any size).
 Settings of every cell: configs/flan_t5.py (task multitask: batch 32, 512 input
 and 128 target tokens, bf16 compute), mesh data=1, fsdp=all devices.
 """
