@@ -322,10 +322,11 @@ def _add_inspect_prompt_parser(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    _quiet_logging()
     from ift_jax import distributed, export
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
     run = export.export_hf if args.format == "hf" else export.export_peft
-    print(run(args.workdir, args.output, args.step, _mesh(args)))
+    print(run(args.workdir, args.output, args.step, _mesh(args), overwrite=args.overwrite))
     return 0
 
 
@@ -334,7 +335,12 @@ def _add_export_parser(sub) -> None:
         "export", help="write a run as an HF model (merged) or an HF PEFT LoRA adapter")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--format", choices=("hf", "peft"), required=True)
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True,
+                        help="folder to write: new or empty, or an earlier export with "
+                             "--overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the export already in --output (never a folder that "
+                             "holds anything else)")
     parser.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
     parser.add_argument("--mesh", default=None, metavar="D,F,T",
                         help="mesh data,fsdp,tensor sizes to read the run on (default: the "

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import jax
 import numpy as np
 
-from ift_jax import errors, scan_layout
+from ift_jax import errors, export_folder, scan_layout
 from ift_jax.models.t5 import T5Config
 
 SAFETENSORS = "model.safetensors"
@@ -312,6 +312,9 @@ def load_t5(hf_dir: str, **config_overrides) -> tuple[T5Config, dict]:
     """
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: no such directory")
+    unfinished = export_folder.problem(hf_dir)
+    if unfinished:
+        raise CheckpointError(unfinished)
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{hf_dir} has no config.json; expected a HF T5 directory "
