@@ -169,9 +169,11 @@ def _predict(args: argparse.Namespace) -> int:
         return _predict_adapters(args)
     if not args.workdir:
         raise errors.ConfigError("give --workdir=RUN, or --init_from=BASE [--adapter=NAME=DIR]")
-    from ift_jax import distributed, evaluator
+    from ift_jax import distributed, evaluator, input_rows
+    input_rows.check_output(args.output, args.input)
+    inputs = input_rows.read_rows(args.input)
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
-    rows = evaluator.predict_rows(args.workdir, evaluator.read_inputs(args.input), args.step,
+    rows = evaluator.predict_rows(args.workdir, inputs, args.step,
                                   num_beams=args.num_beams,
                                   max_decode_length=args.max_decode_length, mesh=_mesh(args))
     _write_rows(rows, args.output, "predictions")
@@ -180,13 +182,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _predict_adapters(args: argparse.Namespace) -> int:
     """`predict --init_from=BASE --adapter=NAME=DIR ...`: rows of any adapters in one batch."""
-    from ift_jax import evaluator, serving
+    from ift_jax import input_rows, serving
     if args.workdir or not args.init_from or args.step is not None or args.mesh or (
             args.num_beams or 1) > 1:
         raise errors.ConfigError("--adapter goes with --init_from=BASE (not --workdir, --step "
                                  "or --mesh) and decodes greedily (no --num_beams)")
+    input_rows.check_output(args.output, args.input)
     adapters = serving.parse_adapters(args.adapter or [])
-    rows = evaluator.read_inputs(args.input, check=serving.row_check(list(adapters)))
+    rows = input_rows.read_rows(args.input, check=serving.row_check(list(adapters)))
     config = _init_from_config(args.init_from, args.vocab)
     _write_rows(serving.predict_rows(config, adapters, rows,
                                      max_decode_length=args.max_decode_length),
@@ -200,6 +203,7 @@ def _write_rows(rows: Sequence[dict], output: Optional[str], what: str, note: st
     if not output:
         sys.stdout.writelines(lines)
         return
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
         f.writelines(lines)
     print(f"wrote {len(rows)} {what} to {output}{note}")
@@ -225,9 +229,10 @@ def _score_run(args: argparse.Namespace):
 def _score(args: argparse.Namespace) -> int:
     _quiet_logging()
     import jax
-    from ift_jax import distributed, evaluator
+    from ift_jax import distributed, evaluator, input_rows
+    input_rows.check_output(args.output, args.input)
+    rows = input_rows.read_rows(args.input, ("inputs", "targets"))
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
-    rows = evaluator.read_inputs(args.input, ("inputs", "targets"))
     run, step = _score_run(args)
     try:
         if args.inputs_length:
