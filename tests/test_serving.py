@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from ift_jax import (cli, decoding, evaluation, evaluator, hf, input_rows, lora, peft,
-                     peft_formats, serving)
+from ift_jax import (cli, decoding, evaluation, hf, input_rows, lora, peft, peft_formats,
+                     serving)
 from ift_jax.data import vocabularies
 from ift_jax.models import t5
 
