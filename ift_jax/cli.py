@@ -86,9 +86,13 @@ def _init_from_config(init_from: str, vocab: Optional[str], config_path: Optiona
     """A config for a model with no training run: `config_path` (default: the embedded
     default) with `init_from`, its vocabulary and no training mixture."""
     from ift_jax import config_files
+    from ift_jax.data import sentencepiece_file
     config = config_files.load(config_path or default_config_path())
     config.init_from = init_from
     config.data.vocab = vocab or _vocab_of(init_from)
+    spec = config.data.vocab or os.path.join(init_from, "spiece.model")
+    if spec != "byte":
+        sentencepiece_file.check(spec)  # Before the model is read.
     config.data.mixture = ""
     return config
 
@@ -356,14 +360,16 @@ def _add_export_parser(sub) -> None:
 def _convert(args: argparse.Namespace) -> int:
     import shutil
     from ift_jax import hf, t5x_checkpoint
+    from ift_jax.data import sentencepiece_file
     from ift_jax.models import t5
     overrides = {k: getattr(args, k) for k in ("feed_forward_proj",
                                               "relative_attention_max_distance")
                  if getattr(args, k) is not None}
-    if args.vocab and not os.path.isfile(args.vocab):
-        raise errors.InputFileError(f"--vocab={args.vocab}: no such file; give the "
-                                    f"SentencePiece .model the checkpoint was trained with")
+    if args.vocab:
+        sentencepiece_file.check(args.vocab)
     config, params = t5x_checkpoint.load_t5x(args.t5x_checkpoint, **overrides)
+    if args.vocab:
+        sentencepiece_file.check_fits(args.vocab, config.vocab_size)
     hf.save_t5(args.output, config, params)
     if args.vocab:  # Where init_from=HF_DIR with an empty data.vocab looks for it.
         shutil.copyfile(args.vocab, os.path.join(args.output, "spiece.model"))

@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 from ift_jax import errors
 from ift_jax import (checkpointing, distributed, fileio, hf, model_setup, partitioning, peft,
                      run_lock, set_aside, t5x_checkpoint)
+from ift_jax.data import sentencepiece_file
 from ift_jax.models import t5
 
 
@@ -81,9 +82,16 @@ def load_base(source: str) -> tuple[t5.T5Config, dict]:
 
 
 def build_setup(config: ml_collections.ConfigDict) -> model_setup.Setup:
-    """`model_setup.build` with the `init_from` base (if any) loaded."""
+    """`model_setup.build` with the `init_from` base (if any) loaded; the run's
+    vocabulary must fit the model's embedding (`sentencepiece_file.check_fits`)."""
     base = load_base(config.init_from) if config.init_from else None
-    return model_setup.build(config, base)
+    setup = model_setup.build(config, base)
+    try:
+        spec = model_setup.vocabulary_spec(config)
+    except errors.ConfigError:
+        return setup  # No vocabulary: refused where one is needed, naming the key.
+    sentencepiece_file.check_fits(spec, setup.t5_config.vocab_size)
+    return setup
 
 
 def restore(ckpt: checkpointing.Checkpointer, step: int, setup: model_setup.Setup,

@@ -154,6 +154,19 @@ def test_results_never_overwrite_the_input_or_a_runs_record(sharded_run, input_f
     assert {p: p.read_bytes() for p in sharded_run.rglob("*") if p.is_file()} == before
 
 
+def test_a_damaged_spiece_model_is_one_line_before_the_model_is_read(hf_model, input_file,
+                                                                   tmp_path, capsys):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(hf_model[0], model)
+    (model / "spiece.model").write_bytes(b"\x0a\x05trunc")  # A download cut short.
+    for flags in ([], [f"--vocab={model / 'config.json'}"]):  # Its own, or any file given.
+        assert cli.main(["score", f"--init_from={model}", f"--input={input_file}",
+                         *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a SentencePiece model" in err[0], err
+
+
 def test_score_takes_a_run_or_a_model_and_the_flags_that_go_with_it(hf_model, input_file,
                                                                     capsys):
     for flags in ([], [f"--init_from={hf_model[0]}", "--workdir=/tmp/x"],

@@ -123,14 +123,12 @@ def test_params_and_config_come_back_from_the_t5x_layout(model_dir):
     assert t5x_checkpoint.checkpoint_step(str(root)) == 1000
 
 
-def test_convert_writes_an_hf_directory_transformers_runs_with_the_same_logits(model_dir,
-                                                                              tmp_path,
-                                                                              capsys):
+def test_convert_writes_an_hf_directory_transformers_runs_with_the_same_logits(
+        model_dir, tmp_path, capsys, small_sentencepiece):
     import torch
     import transformers
     case, config, params, root = model_dir
-    vocab = tmp_path / "sentencepiece.model"
-    vocab.write_bytes(b"stand-in for a SentencePiece model")
+    vocab = small_sentencepiece
     out = tmp_path / "hf"
     flags = [f"--{k}={v}" for k, v in OVERRIDES.get(case, {}).items()]
     assert cli.main(["convert", f"--t5x_checkpoint={root}/checkpoint_1000", f"--output={out}",
@@ -149,6 +147,27 @@ def test_convert_writes_an_hf_directory_transformers_runs_with_the_same_logits(m
         theirs = model(input_ids=torch.as_tensor(enc), decoder_input_ids=torch.as_tensor(dec)
                        ).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_refuses_a_vocab_that_is_no_sentencepiece_model_or_too_big(
+        tmp_path, capsys, small_sentencepiece):
+    params = _random_params(CASES["uneven"])  # vocab_size 80
+    write_t5x_checkpoint(str(tmp_path / "checkpoint_1"), params)
+    fake = tmp_path / "config.json"
+    fake.write_text('{"model_type": "t5"}')
+    out = tmp_path / "hf"
+    argv = ["convert", f"--t5x_checkpoint={tmp_path / 'checkpoint_1'}", f"--output={out}"]
+    assert cli.main([*argv, f"--vocab={fake}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"ift-jax convert: error: vocabulary {fake} is not a SentencePiece model (20 bytes")
+    small = CASES["uneven"].replace(vocab_size=40)
+    write_t5x_checkpoint(str(tmp_path / "checkpoint_2"), _random_params(small))
+    assert cli.main(["convert", f"--t5x_checkpoint={tmp_path / 'checkpoint_2'}",
+                     f"--output={out}", f"--vocab={small_sentencepiece}"]) == 2
+    err = capsys.readouterr().err
+    assert "more than the model's vocab_size 40" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_what_cannot_be_read_is_one_line_naming_it(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import seqio
 
 import ift_jax.tasks  # noqa: F401
+from ift_jax import errors
 from ift_jax.data import vocabularies
 
 
@@ -42,6 +43,14 @@ def test_trained_sentencepiece_drives_every_task(tmp_path, restore_vocabulary):
 def test_missing_sentencepiece_file_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="use 'byte' or the path of a .model file"):
         vocabularies.make_vocabulary(str(tmp_path / "spiece.model"))
+
+
+def test_a_file_that_is_no_sentencepiece_model_is_refused_before_use(tmp_path):
+    damaged = tmp_path / "spiece.model"
+    damaged.write_bytes(b"\x00" * 64)
+    with pytest.raises(errors.DataError, match=f"vocabulary {damaged} is not a SentencePiece "
+                                               f"model \\(64 bytes"):
+        vocabularies.make_vocabulary(str(damaged))
 
 
 def test_nothing_to_train_on_is_an_error(tmp_path):
