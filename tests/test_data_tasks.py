@@ -201,3 +201,21 @@ def test_explicit_rates_set_the_sampling_proportions():
     share = sum("OPTIONS:" in x for x in inputs) / len(inputs)  # only sentiment has options
     assert 0.70 < share < 0.80
     seqio.MixtureRegistry.remove("test_explicit_rates")
+
+
+def test_a_mixture_with_no_positive_rate_is_refused_before_training(tmp_path, capsys):
+    from ift_jax import cli
+    mixtures.register_mixture("test_zero_rates", ["synthetic_sentiment",
+                                                  "synthetic_extraction"], default_rate=0.0)
+    try:
+        workdir = tmp_path / "run"
+        assert cli.main(["train", f"--workdir={workdir}", "--config.data.mixture=test_zero_rates",
+                         "--config.train.steps=2", "--config.optimizer.warmup_steps=0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["ift-jax train: error: mixture 'test_zero_rates' gives every task a rate "
+                       "of 0 (synthetic_extraction=0, synthetic_sentiment=0): nothing to sample "
+                       "from; give at least one task a positive rate (a task with no training "
+                       "examples gets 0 from examples-proportional mixing)"]
+        assert not workdir.exists()
+    finally:
+        seqio.MixtureRegistry.remove("test_zero_rates")

@@ -22,6 +22,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from ift_jax import errors
 from ift_jax.data import cache
 
 
@@ -42,6 +43,30 @@ class BatchSpec:
     @property
     def feature_lengths(self) -> dict[str, int]:
         return {"inputs": self.inputs_length, "targets": self.targets_length}
+
+
+def check_rates(name: str) -> None:
+    """Refuses a mixture that cannot be sampled: no task with a positive rate (seqio's
+    sampler would end the stream at once: a bare `StopIteration` at the first step), or
+    a negative or non-finite rate. Rate functions (examples-proportional mixing) count
+    each task's examples, which reads them: call this where the data is read anyway.
+
+    Raises:
+      DataError: naming the mixture and every task's rate.
+    """
+    mixture = seqio.get_mixture_or_task(name)
+    if not isinstance(mixture, seqio.Mixture):
+        return
+    rates = {task.name: float(mixture.get_rate(task)) for task in mixture.tasks}
+    shown = ", ".join(f"{task}={rate:g}" for task, rate in rates.items())
+    bad = [task for task, rate in rates.items() if not rate >= 0 or rate == float("inf")]
+    if bad:
+        raise errors.DataError(f"mixture {name!r}: rates must be finite and >= 0; got {shown}")
+    if not any(rates.values()):
+        raise errors.DataError(
+            f"mixture {name!r} gives every task a rate of 0 ({shown}): nothing to sample "
+            f"from; give at least one task a positive rate (a task with no training "
+            f"examples gets 0 from examples-proportional mixing)")
 
 
 def host_shard_info() -> seqio.ShardInfo:
