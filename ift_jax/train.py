@@ -111,18 +111,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     Nothing is written before every check has passed: the config's values
     (`config_checks`), no benchmark task in the training mixture
-    (`suites.check_training_mixture`) and some task with a positive rate in it
-    (`pipeline.check_rates`), the eval suites' data, no other live run on the
-    workdir (a lock held for the whole run), and, on a resume, no changed config
-    field unless `allow_config_changes` names it (the accepted changes are
-    appended to `config_changes.jsonl`). `config.json` is written once the run
-    has started from its checkpoint, `init_from` or scratch.
+    (`suites.check_training_mixture`), some task with a positive rate in it, each
+    sampled task rendered with examples (`pipeline.check_training_data`), the eval
+    suites' data, no other live run on the workdir (a lock held for the whole
+    run), and, on a resume, no changed config field unless `allow_config_changes`
+    names it (the accepted changes are appended to `config_changes.jsonl`).
+    `config.json` is written once the run has started from its checkpoint,
+    `init_from` or scratch.
     """
     config_checks.validate_for_devices(config, jax.device_count(), jax.process_count())
     config_diff.check_allowed_keys(allow_config_changes, config)
     model_setup.prepare_data(config)
     suites.check_training_mixture(config.data.mixture)
-    pipeline.check_rates(config.data.mixture)
+    pipeline.check_training_data(config.data.mixture)
     evaluator.check_suites(config)
     _check_writable(workdir)
     with run_lock.hold(workdir):

@@ -219,3 +219,27 @@ def test_a_mixture_with_no_positive_rate_is_refused_before_training(tmp_path, ca
         assert not workdir.exists()
     finally:
         seqio.MixtureRegistry.remove("test_zero_rates")
+
+
+def test_a_template_bomb_stops_ift_jax_train_in_one_line_naming_task_and_template(
+        tmp_path, capsys):
+    from ift_jax import cli
+    from ift_jax.data.templates import JinjaTemplate
+    source = sources.GeneratedSource(
+        "bomb", lambda split: [{"id": i, "text": "hello"} for i in range(4)], ("text",),
+        ("train", "validation"))
+    bomb = JinjaTemplate("grows", "{% for a in range(100000) %}{{ text * 1000 }}{% endfor %}"
+                                  " ||| {{ text }}")
+    instructions.register_task("test_template_bomb", source, [bomb])
+    try:
+        workdir = tmp_path / "run"
+        assert cli.main(["train", f"--workdir={workdir}",
+                         "--config.data.mixture=test_template_bomb", "--config.train.steps=2",
+                         "--config.optimizer.warmup_steps=0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["ift-jax train: error: task 'test_template_bomb', split 'train': "
+                       "template 'grows': rendering stopped: the output would make 4,005,000 "
+                       "characters or items, more than 4,000,000"]
+        assert not workdir.exists()
+    finally:
+        seqio.TaskRegistry.remove("test_template_bomb")
