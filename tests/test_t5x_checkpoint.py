@@ -6,6 +6,7 @@ import os
 
 import flax.linen as nn
 import jax
+import msgpack
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -215,3 +216,35 @@ def test_convert_of_a_missing_folder_is_one_error_line(tmp_path, capsys):
     assert err == (f"ift-jax convert: error: t5x checkpoint {tmp_path}/none: no such file or "
                    f"directory\n")
     assert not (tmp_path / "hf").exists()
+
+
+def test_declared_sizes_and_nesting_are_checked_before_anything_is_allocated(
+        tmp_path, capsys, monkeypatch):
+    from ift_jax import declared_sizes
+    monkeypatch.setattr(declared_sizes, "available_memory", lambda: 16 * 2 ** 30)
+    folder = tmp_path / "checkpoint_1"
+    write_t5x_checkpoint(str(folder), _random_params(CASES["v1_1"]))
+    huge = {"driver": "zarr", "kvstore": {"driver": "file", "path": "target.huge"},
+            "dtype": "float32", "metadata": {"shape": [200000, 200000], "chunks": [1024, 1024],
+                                             "compressor": {"id": "gzip"}}}
+    absolute = {**huge, "kvstore": {"driver": "file", "path": str(folder / "target.huge")}}
+    ts.open(absolute, create=True, open=True).result()  # Metadata only: no chunk written.
+    index = folder / "checkpoint"
+    contents = serialization.msgpack_restore(index.read_bytes())
+    contents["optimizer"]["target"]["token_embedder"]["embedding"] = huge
+    index.write_bytes(serialization.msgpack_serialize(contents))
+    out = tmp_path / "hf"
+    assert cli.main(["convert", f"--t5x_checkpoint={folder}", f"--output={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ift-jax convert: error: {index}: reading its ")
+    assert "298.0 GiB of host memory, and 16.0 GiB is available" in err[0]
+    assert not out.exists()
+
+    # 200 levels: within msgpack's own limit, past what the readers would recurse through.
+    nested = b"\x81\xa1a" * 200 + b"\x80"
+    index.write_bytes(b"\x82" + msgpack.packb("version") + msgpack.packb(3)
+                      + msgpack.packb("optimizer") + b"\x81" + msgpack.packb("target") + nested)
+    assert cli.main(["convert", f"--t5x_checkpoint={folder}", f"--output={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ift-jax convert: error: {index} nests deeper than 64 levels; a t5x index "
+                   f"nests about 10: not a t5x checkpoint"]
