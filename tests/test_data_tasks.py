@@ -243,3 +243,13 @@ def test_a_template_bomb_stops_ift_jax_train_in_one_line_naming_task_and_templat
         assert not workdir.exists()
     finally:
         seqio.TaskRegistry.remove("test_template_bomb")
+
+
+def test_an_unknown_mixture_is_one_line_with_the_closest_names(tmp_path, capsys):
+    from ift_jax import cli
+    assert cli.main(["train", f"--workdir={tmp_path / 'run'}",
+                     "--config.data.mixture=ift_synthetc"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ift-jax train: error: no task or mixture is registered as 'ift_synthetc'; did you "
+        "mean ift_synthetic? `ift-jax tasks list` lists the tasks"]
+    assert not (tmp_path / "run").exists()

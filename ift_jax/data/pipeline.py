@@ -23,7 +23,7 @@ import seqio
 import tensorflow as tf
 
 from ift_jax import errors
-from ift_jax.data import cache
+from ift_jax.data import cache, inspection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ def check_training_data(name: str, split: str = "train") -> None:
     Raises:
       DataError: naming the mixture and every task's rate, or the task (and template).
     """
-    task_or_mixture = seqio.get_mixture_or_task(name)
+    task_or_mixture = inspection.get(name)
     if isinstance(task_or_mixture, seqio.Mixture):
         tasks = _sampled_tasks(task_or_mixture)
     else:
