@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ift_jax import cli, run_lock, sweep_points, sweeps
+from ift_jax import cli, sweep_points, sweeps
 
 LORA_RANK = "configs/sweeps/lora_rank.py"
 PEFT_METHODS = "configs/sweeps/peft_methods.py"
