@@ -103,6 +103,8 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
+        if self._orbax is None and not fileio.isdir(self.directory):
+            return []  # Nothing saved yet: the folder is made by the first save, not here.
         return sorted(set(self._manager.all_steps()) - self._excluded)
 
     def keep_also(self, step: Optional[int]) -> None:

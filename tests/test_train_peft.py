@@ -300,3 +300,57 @@ def test_an_interrupted_export_leaves_the_old_one_and_loaders_refuse_unfinished_
     monkeypatch.setattr(peft_formats, "save_peft", real)
     export.export_peft(lora_run, str(out))
     assert not left.exists() and peft_formats.load_peft(str(out), BASE)
+
+
+# ----------------------------------------------------------------------------
+# init_from an HF PEFT adapter: trained further from the model it computes.
+
+
+TINY_FLAGS = ["--config.data.mixture=synthetic_sentiment", "--config.data.inputs_length=96",
+              "--config.data.targets_length=16", "--config.train.batch_size=8",
+              "--config.train.steps=2", "--config.train.checkpoint_every=2",
+              "--config.eval.every=0", "--config.optimizer.warmup_steps=0"]
+
+
+def test_init_from_an_adapter_trains_further_from_the_adapted_model(lora_run, tmp_path):
+    adapter_dir = tmp_path / "adapter"
+    export.export_peft(lora_run, str(adapter_dir))
+    config = tiny_config(steps=2)
+    config.init_from = str(adapter_dir)
+    setup = runs.build_setup(config)
+    run_setup, run_params, _ = load_run(lora_run)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                         rtol=1e-6, atol=1e-6),
+                 setup.init_params, jax.device_get(runs.plain_params(run_setup, run_params)))
+    workdir = tmp_path / "further"
+    assert cli.main(["train", f"--workdir={workdir}", f"--config.init_from={adapter_dir}",
+                     *TINY_FLAGS]) == 0
+    assert json.loads((workdir / "summary.json").read_text())["finished"]
+
+
+def test_init_from_an_adapter_that_cannot_merge_is_refused_before_anything_is_written(
+        base_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt_adapter"
+    prompt.mkdir()
+    (prompt / peft_formats.ADAPTER_CONFIG).write_text(json.dumps(
+        {"peft_type": "PROMPT_TUNING", "base_model_name_or_path": base_dir}))
+    workdir = tmp_path / "run"
+    assert cli.main(["train", f"--workdir={workdir}", f"--config.init_from={prompt}",
+                     *TINY_FLAGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is an HF PEFT PROMPT_TUNING adapter, which does not merge" in err[0]
+    assert not workdir.exists()
+
+
+def test_config_json_records_the_architecture_init_from_replaced(base_dir, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    flags = ["train", f"--workdir={workdir}", f"--config.init_from={base_dir}", *TINY_FLAGS]
+    assert cli.main(flags) == 0  # configs/default.py's model: d_model 128, 2 layers, ...
+    saved = json.loads((workdir / "config.json").read_text())
+    assert {k: saved["model"][k] for k in ("d_model", "d_ff", "d_kv", "num_layers")} == {
+        "d_model": BASE.d_model, "d_ff": BASE.d_ff, "d_kv": BASE.d_kv, "num_layers": 1}
+    assert saved[runs.REPLACED] == {"init_from": base_dir, "config_values": {
+        "d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2, "num_decoder_layers": 2}}
+    assert runs.read_config(str(workdir)).model.d_model == BASE.d_model
+    assert cli.main(flags) == 0  # The same command again: resumes, no "another config".
+    assert "another config" not in capsys.readouterr().err

@@ -62,3 +62,16 @@ def test_byte_vocabulary_round_trips_numpy_ids():
     vocab = vocabularies.make_vocabulary("byte")
     ids = np.asarray(vocab.encode("T5"))
     assert vocab.decode(ids.tolist()) == "T5"
+
+
+def test_a_vocabulary_bigger_than_the_model_is_refused_leaving_no_checkpoints(tmp_path,
+                                                                              capsys):
+    from ift_jax import cli
+    workdir = tmp_path / "run"
+    assert cli.main(["train", f"--workdir={workdir}", "--config.model.vocab_size=200",
+                     "--config.train.steps=2", "--config.optimizer.warmup_steps=0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ift-jax train: error: vocabulary byte has 259 ids, more than the model's vocab_size "
+        "200: ids past 199 have no embedding; use the model's own vocabulary (its "
+        "spiece.model), or a model with more rows"]
+    assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
