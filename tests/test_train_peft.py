@@ -354,3 +354,17 @@ def test_config_json_records_the_architecture_init_from_replaced(base_dir, tmp_p
     assert runs.read_config(str(workdir)).model.d_model == BASE.d_model
     assert cli.main(flags) == 0  # The same command again: resumes, no "another config".
     assert "another config" not in capsys.readouterr().err
+
+
+def test_a_refused_export_process_prints_only_its_one_line(lora_run, tmp_path):
+    # A process of its own: what the user sees, native stderr and library loggers included.
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "ift_jax", "export", f"--workdir={lora_run}",
+                             "--format=hf", f"--output={taken}"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"ift-jax export: error: --output={taken} already holds an export (config.json); pass "
+        f"--overwrite to replace it, or give an empty or new folder"]
