@@ -209,7 +209,8 @@ def _read_json(path: str) -> dict:
                               ) from None
 
 
-def _check_declared(hf_dir: str, config_path: str, hf_config: dict) -> None:
+def _check_declared(hf_dir: str, config_path: str, hf_config: dict,
+                    param_dtype: Any = np.float32) -> None:
     """The sizes config.json declares, against sane limits, the weight files' size and
     the host's memory, before anything of that size is made (`declared_sizes`)."""
     sizes = {k: hf_config.get(k, default) for k, default in _HF_DEFAULTS.items()
@@ -225,8 +226,9 @@ def _check_declared(hf_dir: str, config_path: str, hf_config: dict) -> None:
                                  "relative_attention_num_buckets")},
         gated=str(hf_config.get("feed_forward_proj", "relu")).startswith("gated-"), tied=True)
     stored = sum(os.path.getsize(f) for f in _weight_files(hf_dir)[1])
-    declared_sizes.check_memory(stored + 4 * params, f"reading the {params:,} params "
-                                f"config.json declares (as float32)", hf_dir)
+    dtype = np.dtype(param_dtype)
+    declared_sizes.check_memory(stored + dtype.itemsize * params, f"reading the {params:,} "
+                                f"params config.json declares (as {dtype.name})", hf_dir)
 
 
 def _first_line(error: Exception) -> str:
@@ -350,7 +352,8 @@ def load_t5(hf_dir: str, **config_overrides) -> tuple[T5Config, dict]:
                               f"an object")
     config_from_hf(hf_config, tie_word_embeddings=True)  # Architecture checks first.
     try:
-        _check_declared(hf_dir, config_path, hf_config)  # Before anything of those sizes.
+        _check_declared(hf_dir, config_path, hf_config,  # Before anything of those sizes.
+                        config_overrides.get("param_dtype", np.float32))
     except errors.CheckpointError as e:
         raise CheckpointError(str(e)) from None
     tensors = read_hf_tensors(hf_dir)
