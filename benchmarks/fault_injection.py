@@ -64,9 +64,27 @@ import time
 import environment
 import fault_inputs
 import results_file
-from fault_runs import (CHECKPOINT_EVERY, EVAL_POINTS, HERE, RUN, STEPS, Context, Train,
-                        committed, disk_state, env_for, error_lines, eval_results, evaluated,
-                        final_params, freeze_when, metrics, poll, resumed_from, saving)
+from fault_runs import (
+    CHECKPOINT_EVERY,
+    EVAL_POINTS,
+    HERE,
+    RUN,
+    STEPS,
+    Context,
+    Train,
+    committed,
+    disk_state,
+    env_for,
+    error_lines,
+    eval_results,
+    evaluated,
+    final_params,
+    freeze_when,
+    metrics,
+    poll,
+    resumed_from,
+    saving,
+)
 
 KILL_STATES = {"async_save": "during an asynchronous save",
                "evaluation": "during an evaluation", "between_steps": "between steps"}
@@ -98,7 +116,7 @@ def reference_run(root: str, env: dict) -> dict:
 
 def logged_step(run: Train) -> int:
     """The last `step N/12` line the run printed (0 before the first)."""
-    found = re.findall(rf"^step (\d+)/{STEPS} ", run.text("out"), re.M)
+    found = re.findall(rf"^step (\d+)/{STEPS} ", run.text("out"), re.MULTILINE)
     return int(found[-1]) if found else 0
 
 

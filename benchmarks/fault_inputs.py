@@ -31,8 +31,15 @@ import subprocess
 import sys
 import time
 
-from fault_runs import (REPO, Context, Train, committed, freeze_when, one_error_line,
-                        saving)
+from fault_runs import (
+    REPO,
+    Context,
+    Train,
+    committed,
+    freeze_when,
+    one_error_line,
+    saving,
+)
 
 GiB = 2 ** 30
 BOMB_SECONDS, BOMB_RSS = 60.0, 3 * GiB
@@ -77,9 +84,12 @@ def export_kill_trial(ctx: Context, when: str, rng: random.Random,
     for attempt in range(attempts):  # The writing window is milliseconds: try again.
         second = _export(ctx, out, f"{out}.kill{attempt}", "--overwrite")
         delay = rng.uniform(0.5, 3.0)
-        ready = ((lambda: bool(_temporary(out))) if when == "writing"
-                 else (lambda: time.monotonic() - second.started > delay))
-        frozen = freeze_when(second, ready, lambda: _tree(out) == before and (
+        if when == "writing":
+            ready = lambda: bool(_temporary(out))
+        else:
+            ready = lambda run=second, after=delay: time.monotonic() - run.started > after
+        old = before
+        frozen = freeze_when(second, ready, lambda: _tree(out) == old and (  # noqa: B023
             bool(_temporary(out)) == (when == "writing")), every=0.0002)
         state = ("gathering" if "export: gathering" in second.text() else "starting"
                  ) if when == "reading" else "writing"
@@ -177,6 +187,7 @@ def _tiny_hf(folder: str) -> str:
     import flax.linen as nn
     import jax
     import numpy as np
+
     from ift_jax import hf
     from ift_jax.models import t5
     config = t5.get_config("tiny", vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_layers=1,
@@ -256,9 +267,14 @@ def _bombs(root: str, reference: str) -> list[dict]:
                    "--config.peft.method=prompt")
     zero["says"], prompt["says"] = "gives every task a rate of 0", "data.pack=True"
     huge_out, nested_out = os.path.join(root, "huge_out"), os.path.join(root, "nested_out")
+    huge = _huge_t5x(os.path.join(root, "huge_t5x"))
+    nested = _nested_t5x(os.path.join(root, "nested_t5x"))
     return bombs + [zero, prompt,
-        bomb("t5x_huge_declared_array", ["convert", f"--t5x_checkpoint={_huge_t5x(os.path.join(root, 'huge_t5x'))}", f"--output={huge_out}"], "GiB of host memory", huge_out),  # noqa: E501
-        bomb("t5x_deeply_nested_index", ["convert", f"--t5x_checkpoint={_nested_t5x(os.path.join(root, 'nested_t5x'))}", f"--output={nested_out}"], "nests deeper than 64", nested_out),  # noqa: E501
+        bomb("t5x_huge_declared_array", ["convert", f"--t5x_checkpoint={huge}",
+                                         f"--output={huge_out}"], "GiB of host memory", huge_out),
+        bomb("t5x_deeply_nested_index", ["convert", f"--t5x_checkpoint={nested}",
+                                         f"--output={nested_out}"], "nests deeper than 64",
+             nested_out),
         bomb("hf_config_num_layers_10000000", ["score", f"--init_from={huge_layers}",
                                                "--vocab=byte", f"--input={rows}"],
              "num_layers=10,000,000 is past the 512"),
