@@ -180,7 +180,7 @@ def _predict(args: argparse.Namespace) -> int:
     rows = evaluator.predict_rows(args.workdir, inputs, args.step,
                                   num_beams=args.num_beams,
                                   max_decode_length=args.max_decode_length, mesh=_mesh(args))
-    _write_rows(rows, args.output, "predictions")
+    input_rows.write_rows(rows, args.output, "predictions")
     return 0
 
 
@@ -195,22 +195,10 @@ def _predict_adapters(args: argparse.Namespace) -> int:
     adapters = serving.parse_adapters(args.adapter or [])
     rows = input_rows.read_rows(args.input, check=serving.row_check(list(adapters)))
     config = _init_from_config(args.init_from, args.vocab)
-    _write_rows(serving.predict_rows(config, adapters, rows,
-                                     max_decode_length=args.max_decode_length),
-                args.output, "predictions")
+    input_rows.write_rows(serving.predict_rows(config, adapters, rows,
+                                               max_decode_length=args.max_decode_length),
+                          args.output, "predictions")
     return 0
-
-
-def _write_rows(rows: Sequence[dict], output: Optional[str], what: str, note: str = "") -> None:
-    """JSONL rows to `output` (saying so: `wrote N <what> to ...<note>`), or to stdout."""
-    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
-    if not output:
-        sys.stdout.writelines(lines)
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    print(f"wrote {len(rows)} {what} to {output}{note}")
 
 
 def _score_run(args: argparse.Namespace):
@@ -233,6 +221,7 @@ def _score_run(args: argparse.Namespace):
 def _score(args: argparse.Namespace) -> int:
     _quiet_logging()
     import jax
+
     from ift_jax import distributed, evaluator, input_rows
     input_rows.check_output(args.output, args.input)
     rows = input_rows.read_rows(args.input, ("inputs", "targets"))
@@ -247,8 +236,8 @@ def _score(args: argparse.Namespace) -> int:
     if jax.process_index() != 0:
         return 0
     per_token = sum(r["log_likelihood"] for r in scored) / sum(r["tokens"] for r in scored)
-    _write_rows(scored, args.output, "scores",
-                f"; log-likelihood per target token over all rows {per_token:.4f}")
+    input_rows.write_rows(scored, args.output, "scores",
+                          f"; log-likelihood per target token over all rows {per_token:.4f}")
     return 0
 
 
@@ -359,6 +348,7 @@ def _add_export_parser(sub) -> None:
 
 def _convert(args: argparse.Namespace) -> int:
     import shutil
+
     from ift_jax import hf, t5x_checkpoint
     from ift_jax.data import sentencepiece_file
     from ift_jax.models import t5

@@ -24,7 +24,8 @@ and the bound.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from ift_jax import errors
 

@@ -33,7 +33,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 from ift_jax import errors
 

@@ -6,8 +6,9 @@ dropped), and turns every problem into one `InputFileError` line naming the
 file and line: a byte that is not UTF-8 (UTF-16, which Windows tools write as
 "Unicode", is named as such), a line that is not JSON, a row without the fields.
 
-`check_output(output, input_path)` looks before anything is computed: results
-are never written over the input, over a file of a training run's record
+`check_output(output, input_path)` looks before anything is computed, and
+`write_rows` writes the results (or prints them): results are never written over
+the input, over a file of a training run's record
 (`config.json`, `summary.json`, `eval/`, `checkpoints/`, ...: the files
 `ift-jax train` writes into its workdir), or into a folder this user cannot
 write. A new file beside a run's own files is fine.
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Optional, Sequence
+import sys
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 from ift_jax import errors, fileio
 from ift_jax.data import records
@@ -132,3 +135,16 @@ def check_output(output: Optional[str], input_path: str) -> None:
     if not os.access(folder, os.W_OK):
         raise errors.ConfigError(f"--output={output}: {folder} is not writable; give a file "
                                  f"in a folder this user can write to")
+
+
+def write_rows(rows: Sequence[dict], output: Optional[str], what: str, note: str = "") -> None:
+    """JSONL rows to `output` (its folder made; saying `wrote N <what> to ...<note>`), or
+    to stdout without `output`."""
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    if not output:
+        sys.stdout.writelines(lines)
+        return
+    fileio.makedirs(os.path.dirname(output) or ".")
+    with fileio.open(output, "w") as f:
+        f.writelines(lines)
+    print(f"wrote {len(rows)} {what} to {output}{note}")

@@ -33,7 +33,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from ift_jax import run_lock
 
