@@ -10,7 +10,8 @@ or in a user's own task or metric function) and keeps its traceback. `--verbose`
 `IFT_JAX_VERBOSE=1` keeps the libraries' start-up logging (`ift_jax.console`).
 
 Only stdlib, `console`, `errors` and the parsers of `cli_tasks` and
-`cli_study` are imported up here; everything that
+`cli_study` are imported up here (and, in `main`, `sweep_points`: a sweep's point
+asks to die with its sweep before anything else); everything that
 imports jax, TensorFlow or absl is imported inside the commands, so `main` can
 quiet those libraries before they load (jax sets TF_CPP_MIN_LOG_LEVEL=1 on
 import, for one).
@@ -580,6 +581,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     in-process sweeps) it leaves file descriptors alone.
     """
     whole_process = argv is None
+    if whole_process:
+        from ift_jax import sweep_points  # Stdlib only: before the libraries load.
+        sweep_points.die_with_sweep()
     argv = list(sys.argv[1:] if argv is None else argv)
     console.quiet(console.verbose_requested(argv), filter_stderr=whole_process)
     use_compilation_cache()

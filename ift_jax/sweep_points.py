@@ -2,10 +2,13 @@
 with (and why it failed), and adopting a run of it that is still going.
 
 - `run_point(argv)`: an `ift-jax train` process that dies with the sweep: it is
-  started with Linux's parent-death signal set to SIGTERM, so a sweep that is
-  killed (even by SIGKILL) stops its running point, which saves a checkpoint and
-  exits 0; SIGTERM/SIGINT sent to the sweep are passed on to it. Its stderr is
-  passed through to the sweep's as it comes, and kept to say why it failed.
+  started with `$IFT_JAX_SWEEP_PID` set, and the `ift-jax` command sets Linux's
+  parent-death signal to SIGTERM when it sees it (`die_with_sweep`, first thing
+  in `cli.main`: in the new process, never between fork and exec of a sweep
+  whose threads may hold locks), so a sweep that is killed (even by SIGKILL)
+  stops its running point, which saves a checkpoint and exits 0. SIGTERM/SIGINT
+  sent to the sweep are passed on to it. Its stderr is passed through to the
+  sweep's as it comes, and kept to say why it failed.
 - `run_in_process(main, argv)`: the same through the CLI's `main` in this
   process; a bug's exception is printed with its traceback and counts as the
   point failing, so the sweep goes on.
@@ -123,23 +126,31 @@ def why_failed(stderr: str, code: int) -> str:
     return lines[-1] if lines else f"exit code {code}"
 
 
-def _die_with_parent() -> None:
-    """In a point process before it runs: SIGTERM when the sweep dies (Linux's
-    PR_SET_PDEATHSIG), even by SIGKILL; the point then saves and exits."""
+SWEEP_PID_ENV = "IFT_JAX_SWEEP_PID"
+
+
+def die_with_sweep() -> None:
+    """In a point's process, first thing: when a sweep started it (`$IFT_JAX_SWEEP_PID`),
+    SIGTERM it when the sweep dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG); the point
+    then saves a checkpoint and exits. Processes it starts do not inherit the request."""
+    sweep = os.environ.pop(SWEEP_PID_ENV, "")
+    if not sweep.isdigit():
+        return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG.
     except (OSError, AttributeError):
         return  # Not Linux: a rerun adopts an orphaned point instead.
-    if os.getppid() == 1:  # The sweep died before the line above: stop now.
+    if os.getppid() != int(sweep):  # The sweep died before the line above: stop now.
         os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_point(argv: list[str]) -> tuple[int, bool, str]:
     """Runs one point; SIGTERM/SIGINT are passed on to it (it checkpoints and exits)
-    and end the sweep, and its process ends with the sweep's (`_die_with_parent`).
+    and end the sweep, and its process ends with the sweep's (`die_with_sweep`).
     Returns (exit code, whether a signal came, why it failed: see `why_failed`)."""
     stopped = []
-    child = subprocess.Popen(argv, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    child = subprocess.Popen(argv, stderr=subprocess.PIPE,
+                             env={**os.environ, SWEEP_PID_ENV: str(os.getpid())})
     tail = _Tee(sys.stderr)
     copier = threading.Thread(target=_copy_lines, args=(child.stderr, tail), daemon=True)
     copier.start()

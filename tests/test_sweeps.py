@@ -185,11 +185,13 @@ def test_a_failed_point_is_failed_in_the_summary_with_its_reason(tmp_path, capsy
     assert json.loads((root / sweeps.POINTS_FILE).read_text())["typo"]["exit_code"] == 2
 
 
-# The parent-death signal: a point whose sweep is SIGKILLed gets SIGTERM.
+# The parent-death signal: a point whose sweep is SIGKILLed gets SIGTERM. The point asks
+# for it as `ift-jax` does first thing (`sweep_points.die_with_sweep`).
 SUPERVISED = """
 import sys
 from ift_jax import sweep_points
-child = "import signal, sys, time, pathlib; " \\
+child = "import signal, sys, time, pathlib; from ift_jax import sweep_points; " \\
+    "sweep_points.die_with_sweep(); " \\
     "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(sys.argv[1]).write_text('term'), " \\
     "sys.exit(0))); pathlib.Path(sys.argv[2]).write_text('ready'); time.sleep(120)"
 sweep_points.run_point([sys.executable, "-c", child, sys.argv[1], sys.argv[2]])
