@@ -1,18 +1,21 @@
-"""Randomized fault injection: real `ift-jax train` processes killed, damaged and starved.
+"""Fault injection: real `ift-jax` processes killed, damaged, starved and fed bombs.
 
-Every trial runs the same tiny run (`python -m ift_jax train`, 1 CPU device,
-12 steps, a checkpoint every 2, evaluation every 4) and checks what a user
-leaving it on preemptible machines expects, against one uninterrupted
-reference run:
+Every training trial runs the same tiny run (`fault_runs.RUN`: `python -m ift_jax
+train`, 1 CPU device, 12 steps, a checkpoint every 2, evaluation every 4) and
+checks what a user leaving it on preemptible machines expects, against one
+uninterrupted reference run. Every trial must end in one of three outcomes: a
+bit-exact resume, an untouched earlier state, or one clear line.
 
-- `sigkill`: SIGKILL at a random point of a random kind — while an
-  asynchronous save is being written (an orbax temporary folder exists), while
-  an evaluation runs (a checkpoint of an evaluation step exists and its
-  `eval/step_N.json` does not), or between steps — then a restart. Expected:
-  the restart resumes from the newest checkpoint committed at the kill, ends
-  with exit 0 and `finished: true`, final params bit-exact with the reference,
-  every evaluation point present with the reference's results, and the
-  metrics rows those of the reference (no step lost or repeated).
+- `sigkill`: SIGKILL in a state drawn on purpose, in turn: while an asynchronous
+  save is being written (an orbax temporary folder exists), while an
+  evaluation runs (its step was logged and its `eval/step_N.json` is not
+  written), or between steps. From a random step on, the run is frozen with
+  SIGSTOP whenever it may be in that state, the state is checked on disk, and
+  the kill comes only in that state (`fault_runs.freeze_when`). Expected: the
+  restart resumes from the newest checkpoint committed at the kill, ends with
+  exit 0 and `finished: true`, final params bit-exact with the reference, every
+  evaluation point present with the reference's results, and the metrics rows
+  those of the reference (no step lost or repeated).
 - `sigterm_during_eval`: SIGTERM during an evaluation: exit 0 well before
   the evaluation would have ended, the point missing, then redone by the
   restart (same expectations as above).
@@ -32,11 +35,16 @@ reference run:
   one line naming the holder, the other finishes as above.
 - `read_only`: a finished run's workdir mounted read-only: training refused in
   one line, `ift-jax export` still works.
+- `export_kill`, `copied_live_run`, `input_bomb`: see `fault_inputs.py` (an
+  export killed while gathering or while writing, a `cp -a` of a live run
+  trained in the copy, files someone else wrote through the commands that read
+  them).
 
-    nice -n 10 python benchmarks/fault_injection.py --kills=10 --seed=0
+    nice -n 10 python benchmarks/fault_injection.py --kills=6 --seed=0
 
 Writes `benchmarks/results/fault_injection_cpu.json` (every trial with its
-kill point, what was on disk at the kill, and each expectation's outcome).
+kill point, what was on disk at the kill, each expectation's outcome, and the
+tally of outcomes; `bad` lists any trial that failed a check).
 """
 
 from __future__ import annotations
@@ -54,184 +62,32 @@ import tempfile
 import time
 
 import environment
+import fault_inputs
 import results_file
+from fault_runs import (
+    CHECKPOINT_EVERY,
+    EVAL_POINTS,
+    HERE,
+    RUN,
+    STEPS,
+    Context,
+    Train,
+    committed,
+    disk_state,
+    env_for,
+    error_lines,
+    eval_results,
+    evaluated,
+    final_params,
+    freeze_when,
+    metrics,
+    poll,
+    resumed_from,
+    saving,
+)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
-
-STEPS, CHECKPOINT_EVERY, EVAL_EVERY = 12, 2, 4
-RUN = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.d_kv=8",
-       "--config.model.num_layers=1", "--config.model.num_decoder_layers=1",
-       "--config.data.mixture=synthetic_sentiment", "--config.data.inputs_length=96",
-       "--config.data.targets_length=16", "--config.optimizer.warmup_steps=1",
-       "--config.mesh.fsdp=-1", f"--config.train.steps={STEPS}", "--config.train.batch_size=64",
-       f"--config.train.checkpoint_every={CHECKPOINT_EVERY}", "--config.train.log_every=1",
-       f"--config.eval.every={EVAL_EVERY}", "--config.eval.at_start=False",
-       "--config.eval.max_examples=32", "--config.eval.batch_size=8",
-       "--config.eval.max_decode_length=8"]
-EVAL_POINTS = [s for s in range(1, STEPS + 1) if s % EVAL_EVERY == 0 or s == STEPS]
-TIMEOUT_S = 600
-
-
-def _env(cache: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("IFT_JAX_COORDINATOR", "IFT_JAX_NUM_PROCESSES", "IFT_JAX_PROCESS_ID")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=cache,
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return env
-
-
-class Train:
-    """One `python -m ift_jax` process, its output in files beside the workdir."""
-
-    def __init__(self, workdir: str, env: dict, log: str, extra=(), command=("train",)):
-        self.out_path, self.err_path = f"{log}.out", f"{log}.err"
-        self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
-        args = [*command, f"--workdir={workdir}", *(RUN if command == ("train",) else []),
-                *extra]
-        self.started = time.monotonic()
-        self.process = subprocess.Popen([sys.executable, "-m", "ift_jax", *args], cwd=REPO,
-                                        env=env, stdout=self._out, stderr=self._err,
-                                        start_new_session=True)
-
-    def text(self, which: str = "err") -> str:
-        with open(self.err_path if which == "err" else self.out_path) as f:
-            return f.read()
-
-    def wait(self, timeout: float = TIMEOUT_S) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.process.wait()
-            return -999
-
-    def signal(self, signum: int) -> None:
-        try:
-            os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def close(self) -> int:
-        code = self.process.poll()
-        if code is None:
-            self.signal(signal.SIGKILL)
-            code = self.process.wait()
-        self._out.close()
-        self._err.close()
-        return code
-
-
-# ----------------------------------------------------------------------------
-# What is on disk.
-
-
-def committed(workdir: str) -> list[int]:
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-
-
-def saving(workdir: str) -> list[str]:
-    """orbax's temporary folders: saves being written."""
-    directory = os.path.join(workdir, "checkpoints")
-    return sorted(n for n in os.listdir(directory) if "orbax-checkpoint-tmp" in n
-                  ) if os.path.isdir(directory) else []
-
-
-def evaluated(workdir: str) -> list[int]:
-    from ift_jax import evaluation
-    return evaluation.finished_steps(workdir)
-
-
-def disk_state(workdir: str) -> dict:
-    return {"committed": committed(workdir), "saving": saving(workdir),
-            "evaluated": evaluated(workdir)}
-
-
-def final_params(workdir: str):
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import train_runs
-    return train_runs.checkpoint_state(workdir, STEPS)["params"]
-
-
-def same_params(a, b) -> bool:
-    import jax
-    import numpy as np
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
-
-
-def metrics(workdir: str) -> list[tuple[int, float]]:
-    path = os.path.join(workdir, "train_metrics.jsonl")
-    with open(path) as f:
-        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
-
-
-def eval_results(workdir: str) -> dict:
-    out = {}
-    for step in evaluated(workdir):
-        with open(os.path.join(workdir, "eval", f"step_{step}.json")) as f:
-            out[step] = json.load(f)["tasks"]
-    return out
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("ift-jax train: error:")]
-
-
-def resumed_from(stderr: str):
-    found = re.search(r"start-up: resumed from \S+ step (\d+)", stderr)
-    return int(found.group(1)) if found else (0 if "start-up: from scratch" in stderr
-                                               else None)
-
-
-# ----------------------------------------------------------------------------
-# Trials.
-
-
-class Context:
-    def __init__(self, root: str, env: dict, reference: dict):
-        self.root, self.env, self.reference = root, env, reference
-        self.count = 0
-
-    def workdir(self, name: str) -> str:
-        self.count += 1
-        return os.path.join(self.root, f"{self.count:02d}_{name}")
-
-    def finish(self, workdir: str, extra=()) -> tuple[Train, int]:
-        run = Train(workdir, self.env, f"{workdir}.restart{len(os.listdir(self.root))}", extra)
-        code = run.wait()
-        run.close()
-        return run, code
-
-    def complete(self, workdir: str) -> dict:
-        """The expectations every run that finished must meet, checked against the reference."""
-        checks = {}
-        try:
-            summary = json.load(open(os.path.join(workdir, "summary.json")))
-            checks["finished"] = summary.get("finished") is True
-            checks["bit_exact_final_params"] = same_params(final_params(workdir),
-                                                           self.reference["params"])
-            checks["every_eval_point_with_the_reference_results"] = (
-                eval_results(workdir) == self.reference["eval"])
-            checks["metrics_rows_as_the_reference"] = metrics(workdir) == self.reference[
-                "metrics"]
-        except (OSError, ValueError, KeyError) as e:
-            checks["readable_results"] = False
-            checks["error"] = repr(e)[:300]
-        return checks
-
-
-def _poll(condition, run: Train, timeout: float = TIMEOUT_S, every: float = 0.002) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if run.process.poll() is not None or time.monotonic() > deadline:
-            return False
-        time.sleep(every)
-    return True
+KILL_STATES = {"async_save": "during an asynchronous save",
+               "evaluation": "during an evaluation", "between_steps": "between steps"}
 
 
 def reference_run(root: str, env: dict) -> dict:
@@ -258,47 +114,56 @@ def reference_run(root: str, env: dict) -> dict:
             "events_s": seen, "eval_s": min(eval_s) if eval_s else 1.0}
 
 
+def logged_step(run: Train) -> int:
+    """The last `step N/12` line the run printed (0 before the first)."""
+    found = re.findall(rf"^step (\d+)/{STEPS} ", run.text("out"), re.MULTILINE)
+    return int(found[-1]) if found else 0
+
+
+def kill_state(workdir: str, logged: int) -> str:
+    """Where a run is, from its disk and its last logged step: an asynchronous save
+    being written (an orbax temporary folder), an evaluation whose point was logged but
+    whose `eval/step_N.json` is not written, or between steps."""
+    disk = disk_state(workdir)
+    if disk["saving"]:
+        return KILL_STATES["async_save"]
+    if any(p <= logged and p not in disk["evaluated"] for p in EVAL_POINTS):
+        return KILL_STATES["evaluation"]
+    return KILL_STATES["between_steps"]
+
+
 def sigkill_trial(ctx: Context, rng: random.Random, kind: str) -> dict:
+    """SIGKILL in the state `kind` names, drawn on purpose: from a random step on, the
+    run is frozen (SIGSTOP) whenever it may be in that state, the state is checked, and
+    the kill comes only in that state (`fault_runs.freeze_when`)."""
     workdir = ctx.workdir(f"sigkill_{kind}")
     run = Train(workdir, ctx.env, workdir)
-    if kind == "async_save":
-        step = rng.choice(range(CHECKPOINT_EVERY, STEPS, CHECKPOINT_EVERY))
-        ready = _poll(lambda: any(n.startswith(f"{step}.") for n in saving(workdir))
-                      or step in committed(workdir), run)
-        delay = rng.uniform(0.0, 0.05)
-    elif kind == "evaluation":
-        step = rng.choice(EVAL_POINTS[:-1])
-        ready = _poll(lambda: step in committed(workdir)
-                      or any(n.startswith(f"{step}.") for n in saving(workdir)), run)
-        delay = rng.uniform(0.0, 0.9) * ctx.reference["eval_s"]
-    else:
-        step = rng.randrange(1, STEPS)
-        ready = _poll(lambda: f"step {step}/{STEPS}" in run.text("out"), run)
-        delay = rng.uniform(0.0, 0.3)
-    time.sleep(delay)
+    step = {"async_save": lambda: rng.choice(range(CHECKPOINT_EVERY, STEPS, CHECKPOINT_EVERY)),
+            "evaluation": lambda: rng.choice(EVAL_POINTS[:-1]),
+            "between_steps": lambda: rng.randrange(1, STEPS)}[kind]()
+    frozen_at = freeze_when(
+        run, lambda: step <= logged_step(run) < STEPS,
+        lambda: kill_state(workdir, logged_step(run)) == KILL_STATES[kind])
     at_kill = disk_state(workdir)
+    state = kill_state(workdir, logged_step(run))
     run.signal(signal.SIGKILL)
     run.close()
-    due = [s for s in EVAL_POINTS if s <= (at_kill["committed"] or [0])[-1]]
-    state = ("during an asynchronous save" if at_kill["saving"] else
-             "during an evaluation" if set(due) - set(at_kill["evaluated"]) else
-             "between steps")
     restart, code = ctx.finish(workdir)
     last = at_kill["committed"][-1] if at_kill["committed"] else 0
-    checks = {"target_reached_before_the_end": ready,
+    checks = {"killed_in_the_state_drawn": frozen_at is not None and state == KILL_STATES[kind],
               "restart_exit_0": code == 0,
               "resumed_from_the_last_committed_checkpoint": resumed_from(restart.text()) == last,
               **ctx.complete(workdir)}
-    return {"kind": "sigkill", "target": kind, "target_step": step,
-            "delay_s": round(delay, 4), "state_at_kill": state, "on_disk_at_kill": at_kill,
-            "checks": checks}
+    return {"kind": "sigkill", "target": kind, "from_step": step,
+            "frozen_at_s": None if frozen_at is None else round(frozen_at, 3),
+            "state_at_kill": state, "on_disk_at_kill": at_kill, "checks": checks}
 
 
 def sigterm_trial(ctx: Context, rng: random.Random) -> dict:
     workdir = ctx.workdir("sigterm_eval")
     run = Train(workdir, ctx.env, workdir)
     step = rng.choice(EVAL_POINTS[:-1])
-    ready = _poll(lambda: step in committed(workdir)
+    ready = poll(lambda: step in committed(workdir)
                   or any(n.startswith(f"{step}.") for n in saving(workdir)), run)
     time.sleep(rng.uniform(0.0, 0.5) * ctx.reference["eval_s"])
     at_signal = disk_state(workdir)
@@ -360,7 +225,7 @@ def killed_after(ctx: Context, step: int) -> str:
     """A run SIGKILLed as soon as checkpoint `step` committed."""
     workdir = ctx.workdir(f"killed_after_{step}")
     run = Train(workdir, ctx.env, workdir)
-    _poll(lambda: step in committed(workdir), run, every=0.001)
+    poll(lambda: step in committed(workdir), run, every=0.001)
     run.signal(signal.SIGKILL)
     run.close()
     return workdir
@@ -431,7 +296,7 @@ def disk_full_trial(ctx: Context) -> dict:
     try:
         workdir = os.path.join(mount, "run")
         run = Train(workdir, ctx.env, mount + ".first")
-        _poll(lambda: 4 in committed(workdir), run, every=0.001)
+        poll(lambda: 4 in committed(workdir), run, every=0.001)
         filler = os.path.join(mount, "filler")
         with open(filler, "wb") as f:
             try:
@@ -505,9 +370,21 @@ def read_only_trial(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------
 
 
+# What a trial that passes its checks ends in, besides a bit-exact resume.
+OUTCOMES = {"all_damaged": "one clear line", "disk_full": "one clear line",
+            "two_writers": "one clear line", "read_only": "one clear line"}
+
+
+def _name(trial: dict) -> str:
+    detail = [trial.get(k) for k in ("target", "damage", "when", "bomb") if trial.get(k)]
+    return "/".join([trial["kind"], *map(str, detail)])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kills", type=int, default=10, help="SIGKILL trials")
+    parser.add_argument("--kills", type=int, default=6,
+                        help="SIGKILL trials, in turn during a save, an evaluation and "
+                             "between steps")
     parser.add_argument("--sigterms", type=int, default=2, help="SIGTERM-during-eval trials")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default=os.path.join(HERE, "results"))
@@ -517,21 +394,21 @@ def main(argv=None) -> int:
     machine = environment.describe("cpu")
     root = tempfile.mkdtemp(prefix="ift_jax_faults_")
     cache = os.path.join(root, "jit_cache")
-    env = _env(cache)
+    env = env_for(cache)
     started = time.monotonic()
     try:
         reference = reference_run(root, env)
         ctx = Context(root, env, reference)
         trials = []
-        kinds = ["async_save", "evaluation", "between_steps"]
-        for i in range(args.kills):
-            trials.append(sigkill_trial(ctx, rng, kinds[i % 3] if i < 3 else rng.choice(kinds)))
+        kinds = list(KILL_STATES)
+        for i in range(args.kills):  # Each state in turn: drawn on purpose, not by chance.
+            trials.append(sigkill_trial(ctx, rng, kinds[i % len(kinds)]))
             print(json.dumps(trials[-1]), flush=True)
         for _ in range(args.sigterms):
             trials.append(sigterm_trial(ctx, rng))
             print(json.dumps(trials[-1]), flush=True)
         for trial in [*damage_trials(ctx), disk_full_trial(ctx), two_writers_trial(ctx),
-                      read_only_trial(ctx)]:
+                      read_only_trial(ctx), *fault_inputs.run_all(ctx, rng)]:
             trials.append(trial)
             print(json.dumps(trial), flush=True)
     finally:
@@ -541,13 +418,17 @@ def main(argv=None) -> int:
     ok = [all(v is True for k, v in t["checks"].items() if k != "error") for t in run_trials]
     for trial, good in zip(run_trials, ok):
         trial["ok"] = good
+        trial.setdefault("outcome", OUTCOMES.get(trial["kind"], "bit-exact resume"))
     states = [t["state_at_kill"] for t in trials if t["kind"] == "sigkill"]
+    outcomes = [t["outcome"] for t, good in zip(run_trials, ok) if good]
     record = {
         "benchmark": "fault_injection", "machine": machine, "seed": args.seed,
         "run": {"args": RUN, "eval_points": EVAL_POINTS,
                 "reference_wall_s": round(reference["wall_s"], 1),
                 "reference_eval_s": round(reference["eval_s"], 3)},
         "summary": {"trials": len(run_trials), "ok": sum(ok),
+                    "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
+                    "bad": [_name(t) for t, good in zip(run_trials, ok) if not good],
                     "not_run": [t for t in trials if "not_run" in t],
                     "sigkill_states": {s: states.count(s) for s in sorted(set(states))},
                     "wall_s": round(time.monotonic() - started, 1)},

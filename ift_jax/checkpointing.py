@@ -62,8 +62,9 @@ class _Pinned:
 def _orbax_manager(directory: str, keep: int, save_interval_steps: int = 1,
                    read_only: bool = False, pinned: Optional[_Pinned] = None
                    ) -> ocp.CheckpointManager:
-    if read_only:  # Deletes nothing.
-        kept = dict(max_to_keep=keep)
+    if read_only:  # Deletes and saves nothing (orbax warns about any other setting).
+        kept = dict(max_to_keep=None)
+        save_interval_steps = 0
     else:  # The last `keep`, and the pinned ones.
         kept = dict(preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
             [ocp.checkpoint_managers.LatestN(n=keep), pinned or _Pinned()]))
@@ -102,6 +103,8 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
+        if self._orbax is None and not fileio.isdir(self.directory):
+            return []  # Nothing saved yet: the folder is made by the first save, not here.
         return sorted(set(self._manager.all_steps()) - self._excluded)
 
     def keep_also(self, step: Optional[int]) -> None:

@@ -10,7 +10,8 @@ or in a user's own task or metric function) and keeps its traceback. `--verbose`
 `IFT_JAX_VERBOSE=1` keeps the libraries' start-up logging (`ift_jax.console`).
 
 Only stdlib, `console`, `errors` and the parsers of `cli_tasks` and
-`cli_study` are imported up here; everything that
+`cli_study` are imported up here (and, in `main`, `sweep_points`: a sweep's point
+asks to die with its sweep before anything else); everything that
 imports jax, TensorFlow or absl is imported inside the commands, so `main` can
 quiet those libraries before they load (jax sets TF_CPP_MIN_LOG_LEVEL=1 on
 import, for one).
@@ -86,9 +87,13 @@ def _init_from_config(init_from: str, vocab: Optional[str], config_path: Optiona
     """A config for a model with no training run: `config_path` (default: the embedded
     default) with `init_from`, its vocabulary and no training mixture."""
     from ift_jax import config_files
+    from ift_jax.data import sentencepiece_file
     config = config_files.load(config_path or default_config_path())
     config.init_from = init_from
     config.data.vocab = vocab or _vocab_of(init_from)
+    spec = config.data.vocab or os.path.join(init_from, "spiece.model")
+    if spec != "byte":
+        sentencepiece_file.check(spec)  # Before the model is read.
     config.data.mixture = ""
     return config
 
@@ -169,40 +174,32 @@ def _predict(args: argparse.Namespace) -> int:
         return _predict_adapters(args)
     if not args.workdir:
         raise errors.ConfigError("give --workdir=RUN, or --init_from=BASE [--adapter=NAME=DIR]")
-    from ift_jax import distributed, evaluator
+    from ift_jax import distributed, evaluator, input_rows
+    input_rows.check_output(args.output, args.input)
+    inputs = input_rows.read_rows(args.input)
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
-    rows = evaluator.predict_rows(args.workdir, evaluator.read_inputs(args.input), args.step,
+    rows = evaluator.predict_rows(args.workdir, inputs, args.step,
                                   num_beams=args.num_beams,
                                   max_decode_length=args.max_decode_length, mesh=_mesh(args))
-    _write_rows(rows, args.output, "predictions")
+    input_rows.write_rows(rows, args.output, "predictions")
     return 0
 
 
 def _predict_adapters(args: argparse.Namespace) -> int:
     """`predict --init_from=BASE --adapter=NAME=DIR ...`: rows of any adapters in one batch."""
-    from ift_jax import evaluator, serving
+    from ift_jax import input_rows, serving
     if args.workdir or not args.init_from or args.step is not None or args.mesh or (
             args.num_beams or 1) > 1:
         raise errors.ConfigError("--adapter goes with --init_from=BASE (not --workdir, --step "
                                  "or --mesh) and decodes greedily (no --num_beams)")
+    input_rows.check_output(args.output, args.input)
     adapters = serving.parse_adapters(args.adapter or [])
-    rows = evaluator.read_inputs(args.input, check=serving.row_check(list(adapters)))
+    rows = input_rows.read_rows(args.input, check=serving.row_check(list(adapters)))
     config = _init_from_config(args.init_from, args.vocab)
-    _write_rows(serving.predict_rows(config, adapters, rows,
-                                     max_decode_length=args.max_decode_length),
-                args.output, "predictions")
+    input_rows.write_rows(serving.predict_rows(config, adapters, rows,
+                                               max_decode_length=args.max_decode_length),
+                          args.output, "predictions")
     return 0
-
-
-def _write_rows(rows: Sequence[dict], output: Optional[str], what: str, note: str = "") -> None:
-    """JSONL rows to `output` (saying so: `wrote N <what> to ...<note>`), or to stdout."""
-    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
-    if not output:
-        sys.stdout.writelines(lines)
-        return
-    with open(output, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    print(f"wrote {len(rows)} {what} to {output}{note}")
 
 
 def _score_run(args: argparse.Namespace):
@@ -225,9 +222,11 @@ def _score_run(args: argparse.Namespace):
 def _score(args: argparse.Namespace) -> int:
     _quiet_logging()
     import jax
-    from ift_jax import distributed, evaluator
+
+    from ift_jax import distributed, evaluator, input_rows
+    input_rows.check_output(args.output, args.input)
+    rows = input_rows.read_rows(args.input, ("inputs", "targets"))
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
-    rows = evaluator.read_inputs(args.input, ("inputs", "targets"))
     run, step = _score_run(args)
     try:
         if args.inputs_length:
@@ -238,8 +237,8 @@ def _score(args: argparse.Namespace) -> int:
     if jax.process_index() != 0:
         return 0
     per_token = sum(r["log_likelihood"] for r in scored) / sum(r["tokens"] for r in scored)
-    _write_rows(scored, args.output, "scores",
-                f"; log-likelihood per target token over all rows {per_token:.4f}")
+    input_rows.write_rows(scored, args.output, "scores",
+                          f"; log-likelihood per target token over all rows {per_token:.4f}")
     return 0
 
 
@@ -322,10 +321,11 @@ def _add_inspect_prompt_parser(sub) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    _quiet_logging()
     from ift_jax import distributed, export
     distributed.initialize(auto=os.environ.get("IFT_JAX_DISTRIBUTED") == "auto")
     run = export.export_hf if args.format == "hf" else export.export_peft
-    print(run(args.workdir, args.output, args.step, _mesh(args)))
+    print(run(args.workdir, args.output, args.step, _mesh(args), overwrite=args.overwrite))
     return 0
 
 
@@ -334,7 +334,12 @@ def _add_export_parser(sub) -> None:
         "export", help="write a run as an HF model (merged) or an HF PEFT LoRA adapter")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--format", choices=("hf", "peft"), required=True)
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True,
+                        help="folder to write: new or empty, or an earlier export with "
+                             "--overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the export already in --output (never a folder that "
+                             "holds anything else)")
     parser.add_argument("--step", type=int, default=None, help="default: latest checkpoint")
     parser.add_argument("--mesh", default=None, metavar="D,F,T",
                         help="mesh data,fsdp,tensor sizes to read the run on (default: the "
@@ -344,15 +349,18 @@ def _add_export_parser(sub) -> None:
 
 def _convert(args: argparse.Namespace) -> int:
     import shutil
+
     from ift_jax import hf, t5x_checkpoint
+    from ift_jax.data import sentencepiece_file
     from ift_jax.models import t5
     overrides = {k: getattr(args, k) for k in ("feed_forward_proj",
                                               "relative_attention_max_distance")
                  if getattr(args, k) is not None}
-    if args.vocab and not os.path.isfile(args.vocab):
-        raise errors.InputFileError(f"--vocab={args.vocab}: no such file; give the "
-                                    f"SentencePiece .model the checkpoint was trained with")
+    if args.vocab:
+        sentencepiece_file.check(args.vocab)
     config, params = t5x_checkpoint.load_t5x(args.t5x_checkpoint, **overrides)
+    if args.vocab:
+        sentencepiece_file.check_fits(args.vocab, config.vocab_size)
     hf.save_t5(args.output, config, params)
     if args.vocab:  # Where init_from=HF_DIR with an empty data.vocab looks for it.
         shutil.copyfile(args.vocab, os.path.join(args.output, "spiece.model"))
@@ -573,6 +581,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     in-process sweeps) it leaves file descriptors alone.
     """
     whole_process = argv is None
+    if whole_process:
+        from ift_jax import sweep_points  # Stdlib only: before the libraries load.
+        sweep_points.die_with_sweep()
     argv = list(sys.argv[1:] if argv is None else argv)
     console.quiet(console.verbose_requested(argv), filter_stderr=whole_process)
     use_compilation_cache()

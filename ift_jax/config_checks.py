@@ -174,6 +174,7 @@ def validate(config: Any) -> None:
     _check_double_quant(config)
     _check_best(config)
     _check_prompt_init(config)
+    _check_packing(config)
     sizes = mesh_sizes(config)
     if sizes is not None and -1 not in (sizes["data"], sizes["fsdp"]):
         _check_batch_split(config, sizes["data"] * sizes["fsdp"], sizes)
@@ -188,6 +189,16 @@ def _check_prompt_init(config: Any) -> None:
                     "from the init_from base, and this run has no init_from",
                     "set --config.init_from=DIR (a pretrained model), or "
                     "--config.peft.prompt_init=uniform")
+
+
+def _check_packing(config: Any) -> None:
+    """Prompt tuning prepends one soft prompt to each encoder row; a packed row holds
+    several examples, so the model refuses packed batches (at the first training step,
+    after the step-0 evaluation, were it not refused here)."""
+    if get(config, "peft.method") == "prompt" and get(config, "data.pack") is True:
+        raise _fail("data.pack", True, "packs several examples into each row, and prompt "
+                    "tuning (peft.method='prompt') prepends one soft prompt per row",
+                    "set --config.data.pack=False")
 
 
 def validate_for_devices(config: Any, device_count: int, process_count: int = 1) -> None:

@@ -11,7 +11,9 @@ have to learn that. `quiet(verbose)` runs before those libraries load:
   probe is an INFO line of jax's); orbax's own ERROR reports (a failed
   background save logs its traceback from each of its threads, ~300 lines)
   are dropped: every orbax failure reaches ift_jax as an exception, which
-  says it in one line (`checkpointing.SaveFailedError`); so are the
+  says it in one line (`checkpointing.SaveFailedError`), and its note that a
+  checkpoint folder opened read-only (eval, predict, score, export) is read-only;
+  so are the
   "Event loop is closed" reports of TensorStore writes that finish after
   orbax gave up a failed save (`sys.unraisablehook`) and asyncio's "exception
   was never retrieved" reports of that abandoned work;
@@ -106,8 +108,9 @@ def quiet_libraries(verbose: bool) -> None:
     logging.getLogger("jax").setLevel(logging.WARNING)
     absl = logging.getLogger("absl")
     absl.setLevel(logging.WARNING)  # orbax and seqio chatter.
-    if not any(isinstance(f, _OrbaxErrorReports) for f in absl.filters):
-        absl.addFilter(_OrbaxErrorReports())
+    for noise in (_OrbaxErrorReports, _OrbaxReadOnlyNote):
+        if not any(isinstance(f, noise) for f in absl.filters):
+            absl.addFilter(noise())
     asyncio = logging.getLogger("asyncio")
     if not any(isinstance(f, _NeverRetrieved) for f in asyncio.filters):
         asyncio.addFilter(_NeverRetrieved())
@@ -132,6 +135,14 @@ class _OrbaxErrorReports(logging.Filter):
         while frame is not None and any(p in frame.f_code.co_filename for p in self._LOGGING):
             frame = frame.f_back
         return frame is None or self._ORBAX not in frame.f_code.co_filename
+
+
+class _OrbaxReadOnlyNote(logging.Filter):
+    """Drops orbax's warning that a checkpoint folder opened read-only is read-only:
+    ift_jax asks for that whenever it reads a run back."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
 
 
 class _NeverRetrieved(logging.Filter):

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import jax
 import numpy as np
 
-from ift_jax import errors, scan_layout
+from ift_jax import declared_sizes, errors, export_folder, scan_layout
 from ift_jax.models.t5 import T5Config
 
 SAFETENSORS = "model.safetensors"
@@ -202,6 +202,33 @@ def _read_json(path: str) -> dict:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests deeper than a config file does") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})"
+                              ) from None
+
+
+def _check_declared(hf_dir: str, config_path: str, hf_config: dict,
+                    param_dtype: Any = np.float32) -> None:
+    """The sizes config.json declares, against sane limits, the weight files' size and
+    the host's memory, before anything of that size is made (`declared_sizes`)."""
+    sizes = {k: hf_config.get(k, default) for k, default in _HF_DEFAULTS.items()
+             if k in declared_sizes.LIMITS}
+    sizes.update({k: hf_config.get(k) for k in _HF_REQUIRED})
+    if sizes.get("num_decoder_layers") is None:
+        sizes["num_decoder_layers"] = sizes.get("num_layers")
+    declared_sizes.check_dimensions(sizes, config_path)
+    if any(sizes.get(k) is None for k in _HF_REQUIRED):
+        return  # config_from_hf names what is missing.
+    params = declared_sizes.param_count(
+        **{k: sizes[k] for k in (*_HF_REQUIRED, "num_decoder_layers",
+                                 "relative_attention_num_buckets")},
+        gated=str(hf_config.get("feed_forward_proj", "relu")).startswith("gated-"), tied=True)
+    stored = sum(os.path.getsize(f) for f in _weight_files(hf_dir)[1])
+    dtype = np.dtype(param_dtype)
+    declared_sizes.check_memory(stored + dtype.itemsize * params, f"reading the {params:,} "
+                                f"params config.json declares (as {dtype.name})", hf_dir)
 
 
 def _first_line(error: Exception) -> str:
@@ -312,12 +339,23 @@ def load_t5(hf_dir: str, **config_overrides) -> tuple[T5Config, dict]:
     """
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: no such directory")
+    unfinished = export_folder.problem(hf_dir)
+    if unfinished:
+        raise CheckpointError(unfinished)
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{hf_dir} has no config.json; expected a HF T5 directory "
                               f"(config.json + {SAFETENSORS} or {TORCH_BIN})")
     hf_config = _read_json(config_path)
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{config_path} holds a JSON {type(hf_config).__name__}, not "
+                              f"an object")
     config_from_hf(hf_config, tie_word_embeddings=True)  # Architecture checks first.
+    try:
+        _check_declared(hf_dir, config_path, hf_config,  # Before anything of those sizes.
+                        config_overrides.get("param_dtype", np.float32))
+    except errors.CheckpointError as e:
+        raise CheckpointError(str(e)) from None
     tensors = read_hf_tensors(hf_dir)
     if "shared.weight" not in tensors:
         raise CheckpointError(f"{hf_dir} is missing 1 tensor(s): shared.weight")

@@ -501,6 +501,11 @@ def merge_ia3(params: PyTree) -> dict:
     return trees.unflatten(merged)
 
 
+def why_not_mergeable(method: str) -> Optional[str]:
+    """Why a run of `method` cannot be merged into a plain T5, or None when it can."""
+    return None if method in MERGEABLE else _WHY_NOT_MERGEABLE[method]
+
+
 def merged_params(params: PyTree, method: MethodConfig) -> dict:
     """Params of the plain `t5.Transformer(config)` computing what `method`'s model does.
 

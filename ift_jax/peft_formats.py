@@ -35,14 +35,14 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ift_jax import hf, param_trees, peft
+from ift_jax import export_folder, hf, param_trees, peft
 from ift_jax.hf import CheckpointError
 from ift_jax.models import additions
 from ift_jax.models.t5 import T5Config
@@ -209,6 +209,11 @@ def _prefix(config: T5Config, params: Any, cfg: peft.PrefixConfig) -> tuple[dict
     return fields, {"prompt_embeddings": table.reshape(cfg.length, -1)}, set()
 
 
+def why_not_exportable(method: str) -> Optional[str]:
+    """Why a run of `method` has no HF PEFT adapter format, or None when it has one."""
+    return _NOT_EXPORTABLE.get(method)
+
+
 def save_peft(out_dir: str, config: T5Config, params: Any, method: peft.MethodConfig,
               base_model_name_or_path: str) -> None:
     """Writes `method`'s adapter of `params` as an HF PEFT directory (see module doc).
@@ -258,6 +263,9 @@ def save_merged(out_dir: str, config: T5Config, params: Any, method: peft.Method
 
 
 def _read(adapter_dir: str) -> tuple[dict, dict[str, np.ndarray], str]:
+    unfinished = export_folder.problem(adapter_dir)
+    if unfinished:
+        raise CheckpointError(unfinished)
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.exists(path):
         raise CheckpointError(f"{adapter_dir} has no {ADAPTER_CONFIG}; expected a HF PEFT "

@@ -1,13 +1,19 @@
 """One writer per workdir: a lock file held by the live training process.
 
 `with run_lock.hold(workdir): ...` writes `WORKDIR/run.lock` (JSON: host, pid,
-the pid's start time, run id, since, heartbeat) and removes it on the way out.
-A second trainer on the same workdir is refused with one line naming the
-holder:
+the pid's start time, run id, since, heartbeat, and the workdir it locks: its
+path and inode) and removes it on the way out. A second trainer on the same
+workdir is refused with one line naming the lock file and its holder:
 
     workdir runs/a is in use by another ift-jax run: host tpu-w-0, pid 4242, since
-    2026-11-30 01:41:46 UTC (heartbeat 3 s ago); wait for it to finish or stop it, or
-    use another --workdir
+    2026-11-30 01:41:46 UTC (heartbeat 3 s ago), lock file runs/a/run.lock (workdir
+    /home/me/runs/a); wait for it to finish or stop it, or use another --workdir
+
+A lock file that names another folder is not this folder's lock: it was copied
+along with a run (`cp -a` of a live run, to branch it), and the copy's trainer
+takes it over with a warning naming both folders (`belongs_to`). The same folder
+seen through another mount on another host keeps its inode, so it is still the
+same folder there.
 
 A lock left behind by a process that died (SIGKILL, a crash, a lost machine)
 is stale and taken over, with a warning:
@@ -64,12 +70,45 @@ class Holder:
     token: str  # Unique per acquisition: tells our lock from a successor's.
     run_id: str = ""
     pid_start: Optional[int] = None  # /proc/<pid>/stat start time, against pid reuse.
+    workdir: str = ""  # The folder locked: its real path (a URL on a bucket); "" in old locks.
+    workdir_inode: Optional[int] = None  # Its inode (local folders): the same across mounts.
 
     def describe(self, now: float) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))
         run = f", run id {self.run_id}" if self.run_id else ""
         return (f"host {self.host}, pid {self.pid}, since {since}{run} "
                 f"(heartbeat {max(now - self.heartbeat, 0):.0f} s ago)")
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Holder":
+        """The holder of a lock file's JSON (fields a newer ift_jax added are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _folder_identity(workdir: str) -> tuple[str, Optional[int]]:
+    """(real path or URL, inode or None) of the folder a lock file locks."""
+    if fileio.is_remote(workdir):
+        return workdir.rstrip("/"), None
+    path = os.path.realpath(workdir)
+    try:
+        return path, os.stat(path).st_ino
+    except OSError:
+        return path, None
+
+
+def belongs_to(holder: Holder, workdir: str) -> bool:
+    """Whether the lock `holder` was taken for `workdir` itself, not for the folder a
+    copy of it was made from (see the module docstring). Locks written before the
+    folder was recorded belong to the folder they are in."""
+    if not holder.workdir:
+        return True
+    path, inode = _folder_identity(workdir)
+    if holder.workdir == path:
+        return True
+    if fileio.is_remote(workdir) or holder.host == socket.gethostname():
+        return False  # One name per folder on a bucket, and on one host (real paths).
+    return inode is not None and holder.workdir_inode == inode  # Another mount of it.
 
 
 def _pid_start(pid: int) -> Optional[int]:
@@ -126,7 +165,8 @@ class RunLock:
         for _ in range(3):  # A lock released or taken over meanwhile: look again.
             now = time.time()
             mine = Holder(socket.gethostname(), os.getpid(), now, now, uuid.uuid4().hex,
-                          self.run_id, _pid_start(os.getpid()))
+                          self.run_id, _pid_start(os.getpid()),
+                          *_folder_identity(self.workdir))
             if self._create(mine):
                 self._holder = mine
                 self._start_heartbeat()
@@ -135,13 +175,20 @@ class RunLock:
             if holder is None:
                 self._remove_if_unreadable()
                 continue
-            if not is_stale(holder, time.time(), self.run_id, self.stale_after_s):
+            if not belongs_to(holder, self.workdir):
+                logging.warning("workdir %s: lock file %s was taken for %s by %s and copied "
+                                "here with that folder; it is not this folder's lock: "
+                                "replacing it", self.workdir, self.path, holder.workdir,
+                                holder.describe(time.time()))
+            elif not is_stale(holder, time.time(), self.run_id, self.stale_after_s):
                 raise WorkdirInUseError(
                     f"workdir {self.workdir} is in use by another ift-jax run: "
-                    f"{holder.describe(time.time())}; wait for it to finish or stop it, "
+                    f"{holder.describe(time.time())}, lock file {self.path} (workdir "
+                    f"{holder.workdir or self.workdir}); wait for it to finish or stop it, "
                     f"or use another --workdir")
-            logging.warning("workdir %s: taking over the run lock of a process that is "
-                            "gone (%s)", self.workdir, holder.describe(time.time()))
+            else:
+                logging.warning("workdir %s: taking over the run lock of a process that is "
+                                "gone (%s)", self.workdir, holder.describe(time.time()))
             self._remove_if(holder.token)
         raise WorkdirInUseError(f"workdir {self.workdir}: could not take {self.path}; other "
                                 f"processes keep taking it; is another run starting?")
@@ -152,7 +199,7 @@ class RunLock:
         in place: see `_remove_if_unreadable`)."""
         try:
             with fileio.open(self.path) as f:
-                return Holder(**json.load(f))
+                return Holder.from_json(json.load(f))
         except FileNotFoundError:
             return None
         except (ValueError, TypeError):
@@ -234,9 +281,10 @@ class RunLock:
 
 
 def live_holder(workdir: str) -> Optional[Holder]:
-    """The live process holding `workdir`'s run lock, or None (no lock, or a stale one)."""
+    """The live process holding `workdir`'s run lock, or None (no lock, a stale one, or
+    one copied from another folder)."""
     holder = RunLock(workdir).read()
-    if holder is None or is_stale(holder, time.time()):
+    if holder is None or not belongs_to(holder, workdir) or is_stale(holder, time.time()):
         return None
     return holder
 

@@ -6,9 +6,13 @@ benchmarks. It sits above `model_setup` (which only initializes) and
 `checkpointing` (which only saves and restores trees), and below everything
 that uses a model.
 
-- `load_base(source)`: the weights of `init_from` (an HF T5 directory, a t5x
-  checkpoint, or another ift_jax workdir, whose final model is read back merged).
-- `build_setup(config)`: `model_setup.build` with that base loaded.
+- `load_base(source)`: the weights of `init_from` (an HF T5 directory, an HF
+  PEFT adapter merged into its base, a t5x checkpoint, or another ift_jax
+  workdir, whose final model is read back merged); `check_init_from(source)`
+  checks it from small files alone, before a run writes anything.
+- `build_setup(config)`: `model_setup.build` with that base loaded;
+  `as_trained(config, setup)`: the config with `model.*` as really trained
+  when `init_from`'s architecture replaced it (what `config.json` records).
 - `start(setup, mesh, ckpt)`: the training start-up order, logged as it
   happens: 1. resume from the newest readable checkpoint in the workdir (one
   that fails to restore and reads as damaged is set aside and the next one
@@ -36,7 +40,8 @@ from jax.experimental import multihost_utils
 
 from ift_jax import errors
 from ift_jax import (checkpointing, distributed, fileio, hf, model_setup, partitioning, peft,
-                     run_lock, set_aside, t5x_checkpoint)
+                     peft_formats, run_lock, set_aside, t5x_checkpoint)
+from ift_jax.data import sentencepiece_file
 from ift_jax.models import t5
 
 
@@ -54,17 +59,90 @@ def _is_hf_dir(path: str) -> bool:
         os.path.join(path, "checkpoints"))
 
 
-def load_base(source: str) -> tuple[t5.T5Config, dict]:
-    """`init_from`'s architecture and params as host arrays.
+def _is_adapter_dir(path: str) -> bool:
+    return fileio.exists(os.path.join(path, peft_formats.ADAPTER_CONFIG)) and not _is_hf_dir(
+        path)
+
+
+# HF PEFT adapter types whose adapter merges into the base's weights.
+_MERGEABLE_ADAPTERS = ("LORA", "IA3")
+
+
+def _adapter_base(source: str) -> str:
+    """The base model of an HF PEFT adapter directory (its `base_model_name_or_path`),
+    checked: a local model, and an adapter that merges into it.
 
     Raises:
-      FileNotFoundError: `source` does not exist.
-      ValueError: `source` is neither an HF T5 directory nor an ift_jax workdir.
+      CheckpointError: the adapter's config is unreadable, names no local base model, or
+        is of a kind that does not merge (prompt or prefix tuning).
+    """
+    path = os.path.join(source, peft_formats.ADAPTER_CONFIG)
+    try:
+        with fileio.open(path) as f:
+            adapter = json.load(f)
+        kind, base = adapter.get("peft_type"), adapter.get("base_model_name_or_path")
+    except (ValueError, AttributeError) as e:
+        raise errors.CheckpointError(f"init_from {source!r}: cannot read {path} ({e})") from None
+    if kind not in _MERGEABLE_ADAPTERS:
+        raise errors.CheckpointError(
+            f"init_from {source!r} is an HF PEFT {kind} adapter, which does not merge into its "
+            f"base's weights (a soft prompt or prefix is extra input, not a weight); train "
+            f"from its base (init_from={base}) or evaluate it with ift-jax predict --adapter")
+    if not base or not fileio.exists(base):
+        raise errors.CheckpointError(
+            f"init_from {source!r} is an HF PEFT adapter whose base_model_name_or_path "
+            f"{base!r} is not a local model; set it in {path} to the base model's folder")
+    return base
+
+
+def check_init_from(source: str) -> None:
+    """What `load_base` will read, checked from its folder and small files alone (no
+    weights), so a run that cannot start from it is refused before anything is written.
+
+    Raises:
+      MissingError, CheckpointError: naming `source` and what is wrong.
+    """
+    if not fileio.exists(source):
+        raise errors.MissingError(f"init_from {source!r}: no such file or directory")
+    if _is_adapter_dir(source):
+        check_init_from(_adapter_base(source))
+    elif not (_is_hf_dir(source) or t5x_checkpoint.is_t5x_checkpoint(source)
+              or fileio.isdir(os.path.join(source, "checkpoints"))):
+        raise _unknown_init_from(source)
+
+
+def _unknown_init_from(source: str) -> errors.CheckpointError:
+    return errors.CheckpointError(
+        f"init_from {source!r} is neither an HF T5 directory (config.json + weights), an HF "
+        f"PEFT adapter (adapter_config.json), a t5x checkpoint, nor an ift_jax workdir with "
+        f"checkpoints")
+
+
+def _merged_adapter(source: str) -> tuple[t5.T5Config, dict]:
+    """An HF PEFT adapter merged into its base: the model it computes, as plain T5."""
+    config, base = load_base(_adapter_base(source))
+    adapter = peft_formats.load_peft(source, config)
+    merged = peft.merged_params(adapter.apply_to(base), adapter.method)
+    logging.info("init_from %s: %s adapter merged into its base %s", source,
+                 adapter.method.name, _adapter_base(source))
+    return config, jax.tree.map(np.asarray, jax.device_get(merged))
+
+
+def load_base(source: str) -> tuple[t5.T5Config, dict]:
+    """`init_from`'s architecture and params as host arrays: an HF T5 directory, an HF
+    PEFT adapter (merged into its base), a t5x checkpoint, or an ift_jax workdir (its
+    latest checkpoint, merged).
+
+    Raises:
+      MissingError: `source` does not exist.
+      CheckpointError: `source` is none of those, or cannot be read.
     """
     if not fileio.exists(source):
         raise errors.MissingError(f"init_from {source!r}: no such file or directory")
     if _is_hf_dir(source):
         return hf.load_t5(source)
+    if _is_adapter_dir(source):
+        return _merged_adapter(source)
     if t5x_checkpoint.is_t5x_checkpoint(source):
         return t5x_checkpoint.load_t5x(source)
     if fileio.isdir(os.path.join(source, "checkpoints")):
@@ -75,15 +153,48 @@ def load_base(source: str) -> tuple[t5.T5Config, dict]:
             return run.setup.t5_config, host_params(plain_params(run.setup, params))
         finally:
             run.close()
-    raise errors.CheckpointError(f"init_from {source!r} is neither an HF T5 directory "
-                                 f"(config.json + "
-                     f"weights), a t5x checkpoint, nor an ift_jax workdir with checkpoints")
+    raise _unknown_init_from(source)
+
+
+REPLACED = "model_replaced_by_init_from"  # config.json: what init_from's model replaced.
+# T5Config fields `init_from` decides (this run's own: dtype, dropout_rate, remat, scan_layers).
+ARCHITECTURE = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
+                "num_heads", "relative_attention_num_buckets",
+                "relative_attention_max_distance", "layer_norm_epsilon", "feed_forward_proj",
+                "tie_word_embeddings", "scale_decoder_outputs")
+
+
+def as_trained(config: ml_collections.ConfigDict,
+               setup: model_setup.Setup) -> ml_collections.ConfigDict:
+    """`config` as the run really trains it: where `init_from`'s architecture replaced
+    what `config.model` asks for, `model.*` holds the architecture trained and
+    `model_replaced_by_init_from` records `init_from` and the config's own values.
+    Unchanged (the same object) when nothing was replaced."""
+    asked = model_setup.t5_config(config.model)
+    trained = setup.t5_config
+    replaced = {f: getattr(asked, f) for f in ARCHITECTURE
+                if getattr(asked, f) != getattr(trained, f)}
+    if not config.init_from or not replaced:
+        return config
+    out = ml_collections.ConfigDict(config.to_dict())
+    with out.unlocked():
+        for field in replaced:
+            out.model[field] = getattr(trained, field)
+        out[REPLACED] = {"init_from": config.init_from, "config_values": replaced}
+    return out
 
 
 def build_setup(config: ml_collections.ConfigDict) -> model_setup.Setup:
-    """`model_setup.build` with the `init_from` base (if any) loaded."""
+    """`model_setup.build` with the `init_from` base (if any) loaded; the run's
+    vocabulary must fit the model's embedding (`sentencepiece_file.check_fits`)."""
     base = load_base(config.init_from) if config.init_from else None
-    return model_setup.build(config, base)
+    setup = model_setup.build(config, base)
+    try:
+        spec = model_setup.vocabulary_spec(config)
+    except errors.ConfigError:
+        return setup  # No vocabulary: refused where one is needed, naming the key.
+    sentencepiece_file.check_fits(spec, setup.t5_config.vocab_size)
+    return setup
 
 
 def restore(ckpt: checkpointing.Checkpointer, step: int, setup: model_setup.Setup,

@@ -26,7 +26,7 @@ Typical use::
     tokens = serving.greedy(bank, encoder_tokens, ["a", "b", None, "a"], max_decode_length=64)
 
 `ift-jax predict --init_from=BASE --adapter=NAME=DIR ... --input=FILE` is
-`parse_adapters` + `row_check` (for `evaluator.read_inputs`) + `predict_rows`:
+`parse_adapters` + `row_check` (for `input_rows.read_rows`) + `predict_rows`:
 each row's optional `adapter` field names its adapter, and the rows are
 decoded in input order, `eval.batch_size` rows per batch, whatever their mix.
 """
@@ -222,7 +222,7 @@ def parse_adapters(specs: Sequence[str]) -> dict[str, str]:
 
 
 def row_check(names: Sequence[str]) -> Callable[[dict], Optional[str]]:
-    """For `evaluator.read_inputs(check=...)`: a row's `adapter` must be one of `names`,
+    """For `input_rows.read_rows(check=...)`: a row's `adapter` must be one of `names`,
     or absent / null (the base model)."""
     known = ", ".join(names) or "none (add --adapter=NAME=DIR)"
 

@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from ift_jax import config_diff, errors, fileio, study_pages, sweeps
+from ift_jax import config_diff, errors, fileio, study_pages, sweep_points
 from ift_jax import studies
 from ift_jax.studies import plans
 
@@ -101,7 +101,8 @@ def run_step(step: plans.Step, in_process: Optional[InProcess] = None) -> dict:
     if in_process:
         code, stopped = in_process(step.argv), False
     else:
-        code, stopped = sweeps.run_point([sys.executable, "-m", "ift_jax", *step.argv])
+        code, stopped, _ = sweep_points.run_point([sys.executable, "-m", "ift_jax",
+                                                   *step.argv])
     # A step that exits 0 without being done was stopped (SIGTERM/SIGINT: the run saved
     # its state and returned); in process, this is how the runner learns of the stop.
     stopped = stopped or (code == 0 and not step.done())

@@ -4,8 +4,10 @@ a page states: the git commit and the machine.
 
 The page holds the claim, the findings (each claim checked by the study's
 rule), the table and plot, the study's design and settings, the exact
-commands, the commit(s) the steps ran at, the machine, and the wall and CPU
-time of every step.
+commands (without this machine's paths: the checkout's files relative to it, the
+data directory relative to the checkout or as a placeholder), the commit(s) the
+steps ran at, the machine, and the wall and CPU time of every step (and what the
+load averages say about the machine, only when they were recorded).
 """
 
 from __future__ import annotations
@@ -79,11 +81,32 @@ def machine() -> dict:
             **{p: _version(p) for p in ("jax", "jaxlib", "flax", "seqio")}}
 
 
+# The checkout ift_jax runs from: its absolute path is this machine's, not the reader's.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_PLACEHOLDER = "/path/to/data"
+
+
+def portable(command: str) -> str:
+    """`command` without this machine's checkout path: files in the checkout (a config
+    file) are named relative to it, as a reader's commands run from their checkout."""
+    return command.replace(CHECKOUT + os.sep, "")
+
+
+def portable_data_dir(data_dir: str) -> str:
+    """How a page names the data directory: relative to the checkout when it lies
+    beside it (`../shared/data`), else a placeholder: never this machine's path."""
+    if not data_dir or "://" in data_dir:
+        return data_dir
+    relative = os.path.relpath(os.path.abspath(data_dir), CHECKOUT)
+    return relative if relative.startswith("..") and relative.count("..") == 1 else (
+        DATA_PLACEHOLDER)
+
+
 def _step_rows(plan: plans.Plan, timings: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for step in plan.steps:
         attempts = timings.get(step.name, [])
-        rows.append({"step": step.name, "done": step.done(), "command": step.shell(),
+        rows.append({"step": step.name, "done": step.done(), "command": portable(step.shell()),
                      "attempts": attempts,
                      "wall_s": sum(a["wall_s"] for a in attempts) if attempts else None,
                      "cpu_s": sum(a["cpu_s"] for a in attempts) if attempts else None,
@@ -111,13 +134,17 @@ def _timing_section(rows: list[dict], cpus: int) -> str:
     total_wall = sum(r["wall_s"] for r in timed) / 60
     total_cpu = sum(r["cpu_s"] for r in timed) / 60
     loads = [x for r in rows for x in r["load"] if x is not None]
-    if loads and max(loads) > cpus / 2:
+    if not loads:
+        shared = ("No load average was recorded while the steps ran (none was timed here), "
+                  "so this page says nothing about what else the machine was running.")
+    elif max(loads) > cpus / 2:
         shared = (f"The machine was shared with other jobs while the steps ran (1-minute "
                   f"load averages up to {max(loads):.1f} on {cpus} cores): wall times are "
                   f"longer than on an idle machine; CPU time (the steps' own processes) is "
                   f"the comparable measure.")
     else:
-        shared = "The machine was otherwise idle while the steps ran (load averages above)."
+        shared = (f"The 1-minute load averages stayed at or below {max(loads):.1f} on {cpus} "
+                  f"cores while the steps ran: the machine was otherwise idle.")
     return (f"{table}\n\nTotal over the steps timed here: {total_wall:.1f} min wall, "
             f"{total_cpu:.1f} min CPU. Steps shared with other studies (the base, the "
             f"forgetting runs) ran once and are counted on every page that uses them. "
@@ -125,14 +152,18 @@ def _timing_section(rows: list[dict], cpus: int) -> str:
 
 
 def _commands(plan: plans.Plan, command: Sequence[str]) -> str:
-    data_dir = os.environ.get("IFT_JAX_DATA_DIR", "")
-    lines = ([f"export IFT_JAX_DATA_DIR={data_dir}"] if data_dir else [])
+    data_dir = portable_data_dir(os.environ.get("IFT_JAX_DATA_DIR", ""))
+    lines = []
+    if data_dir:
+        where = ("  # the folder holding the datasets (docs/tasks.md)"
+                 if data_dir == DATA_PLACEHOLDER else "")
+        lines.append(f"export IFT_JAX_DATA_DIR={data_dir}{where}")
     if command:
-        lines.append(" ".join(command))
+        lines.append(portable(" ".join(command)))
     lines.append("")
     lines.append("# The steps it runs, in order (each one an ordinary command; a re-run "
                  "skips those done):")
-    lines += [s.shell() for s in plan.steps]
+    lines += [portable(s.shell()) for s in plan.steps]
     return "```bash\n" + "\n".join(lines) + "\n```"
 
 

@@ -12,28 +12,37 @@ and `zip_` build such lists.
 its own `ift-jax train` process (so its peak memory is its own;
 `--in_process` runs them in the sweep's process) in `ROOT/<name>/`, skips
 points whose run finished (`summary.json` says so), and collects
-`ROOT/sweep_summary.{csv,md,png}`: overrides, final training loss, the last
-evaluation's metrics, trainable params and peak memory.
+`ROOT/sweep_summary.{csv,md,png}`: status, overrides, final training loss, the
+last evaluation's metrics, trainable params and peak memory.
+
+The sweep tells the truth about its points:
+
+- a point that fails is `failed` in the summary with its reason (the point's
+  one-line error, or the last line it wrote, or how it died), kept in
+  `ROOT/sweep_points.json` until the point is run again;
+- a point process dies with the sweep, and a rerun adopts a point that is still
+  running instead of starting a second trainer (`ift_jax.sweep_points`);
+- a point whose run lock a live process holds is `running` in the summary.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import itertools
 import json
 import logging
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 from typing import Any, Callable, Optional, Sequence
 
 from ift_jax import errors
-from ift_jax import config_files, fileio, progress
+from ift_jax import config_files, fileio, progress, run_lock, sweep_points
 
 Point = dict[str, Any]
+POINTS_FILE = "sweep_points.json"  # Each point's last outcome: {name: {status, reason, ...}}.
 
 
 def product(*axes: dict[str, Sequence[Any]]) -> list[Point]:
@@ -172,39 +181,47 @@ def run(config_spec: str, root: str, extra: Sequence[str] = (), dry_run: bool = 
     tracker = progress.Progress(len(pending), "sweep", "points", stream=sys.stdout, bar=False,
                                 every_s=0.0)
     for name, argv in pending:
-        print(f"sweep point {name}: {shlex.join(argv)}", flush=True)
-        if in_process:
-            code, stopped = in_process(argv[1:]), False
+        workdir = os.path.join(root, name)
+        if sweep_points.adopt(name, workdir) and finished(workdir):
+            outcome = sweep_points.Outcome("done", exit_code=0)  # Finished by the adopted run.
         else:
-            code, stopped = run_point([sys.executable, "-m", "ift_jax", *argv[1:]])
-        if stopped:  # Preempted: the point saved a checkpoint; a re-run resumes it.
+            outcome = sweep_points.run(name, argv, in_process)
+        if outcome.status != "stopped":
+            _record(root, name, outcome)
+        if outcome.status == "stopped":  # Preempted: the point saved; a re-run resumes it.
             logging.warning("sweep stopped by a signal during point %s", name)
             break
-        if code:
-            logging.error("sweep point %s failed with exit code %d", name, code)
+        if outcome.status == "failed":
+            logging.error("sweep point %s failed: %s", name, outcome.reason)
             failed += 1
-        tracker.update(note=f"{name} {'failed' if code else 'done'}")
+        tracker.update(note=f"{name} {'failed' if outcome.status == 'failed' else 'done'}")
     write_summary(root, points)
     return failed
 
 
-def run_point(argv: list[str]) -> tuple[int, bool]:
-    """Runs one point; SIGTERM/SIGINT are passed on to it (it checkpoints and exits)
-    and end the sweep. Returns (exit code, whether a signal came)."""
-    stopped = []
-    child = subprocess.Popen(argv)
+def _record(root: str, name: str, outcome: sweep_points.Outcome) -> None:
+    """`ROOT/sweep_points.json`: the point's last outcome (rewritten whole)."""
+    path = os.path.join(root, POINTS_FILE)
+    records = read_records(root)
+    records[name] = {"status": outcome.status, "reason": outcome.reason,
+                     "exit_code": outcome.exit_code,
+                     "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                         timespec="seconds")}
+    fileio.makedirs(root)
+    fileio.write_text(path + ".tmp", json.dumps(records, indent=1, sort_keys=True))
+    fileio.replace(path + ".tmp", path)
 
-    def forward(signum, frame):
-        stopped.append(signum)
-        child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+def read_records(root: str) -> dict[str, dict]:
+    """The points' last outcomes (`_record`); {} before any."""
+    path = os.path.join(root, POINTS_FILE)
+    if not fileio.exists(path):
+        return {}
     try:
-        code = child.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return code, bool(stopped)
+        with fileio.open(path) as f:
+            return dict(json.load(f))
+    except (ValueError, TypeError):
+        return {}
 
 
 # ----------------------------------------------------------------------------
@@ -222,8 +239,22 @@ def _last_eval(workdir: str) -> dict[str, float]:
             for metric, value in values.items() if metric != "invalid_utf8_predictions"}
 
 
+def _status(workdir: str, summary: dict, record: dict) -> tuple[str, str]:
+    """(status, reason) of a point: finished, running (a live run lock), failed (the
+    sweep's record of its last run, with the reason), stopped, or not run."""
+    if summary.get("finished"):
+        return "finished", ""
+    if run_lock.live_holder(workdir) is not None:
+        return "running", ""
+    if record.get("status") == "failed":
+        return "failed", record.get("reason") or f"exit code {record.get('exit_code')}"
+    return ("stopped" if summary else "not run"), ""
+
+
 def summary_rows(root: str, points: Sequence[Point]) -> list[dict[str, Any]]:
-    """One row per point: name, overrides, status, training and eval results."""
+    """One row per point: name, overrides, status (and why a failed one failed),
+    training and eval results."""
+    records = read_records(root)
     rows = []
     for point in points:
         name = point_name(point)
@@ -235,8 +266,9 @@ def summary_rows(root: str, points: Sequence[Point]) -> list[dict[str, Any]]:
         if fileio.exists(summary_path):
             with fileio.open(summary_path) as f:
                 summary = json.load(f)
-        row["status"] = ("finished" if summary.get("finished") else
-                         "stopped" if summary else "not run")
+        row["status"], reason = _status(workdir, summary, records.get(name, {}))
+        if reason:
+            row["reason"] = reason
         row["step"] = summary.get("step", "")
         row["train_loss"] = summary.get("train", {}).get("loss", "")
         row["trainable_params"] = summary.get("params", {}).get("trainable", "")

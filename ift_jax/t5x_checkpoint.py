@@ -45,6 +45,7 @@ import numpy as np
 import tensorstore as ts
 from flax import serialization, traverse_util
 
+from ift_jax import declared_sizes
 from ift_jax.errors import CheckpointError
 from ift_jax.models import t5
 
@@ -87,10 +88,18 @@ def _read_index(index: str) -> dict:
     with open(index, "rb") as f:
         data = f.read()
     try:
-        contents = serialization.msgpack_restore(data)
+        # Plain msgpack first: how deep it nests, before flax's restore recurses into it.
+        depth = declared_sizes.nesting_depth(msgpack.unpackb(data, raw=False,
+                                                             strict_map_key=False))
+        if depth <= declared_sizes.MAX_NESTING:
+            contents = serialization.msgpack_restore(data)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise CheckpointError(f"{index} is not a t5x msgpack checkpoint index "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({reason})") from None
+    if depth > declared_sizes.MAX_NESTING:
+        raise CheckpointError(f"{index} nests deeper than {declared_sizes.MAX_NESTING} levels; "
+                              f"a t5x index nests about 10: not a t5x checkpoint")
     if not isinstance(contents, dict):
         raise CheckpointError(f"{index} is not a t5x checkpoint index (no dict inside)")
     if "_optimizer" in contents:
@@ -140,29 +149,64 @@ def _local_spec(spec: dict, folder: str, name: str) -> dict:
     return spec
 
 
-def _read_array(leaf: Any, folder: str, name: str) -> np.ndarray:
+def _open_array(leaf: Any, folder: str, name: str) -> Any:
+    """The leaf itself (an array the index holds), or its TensorStore opened: its
+    metadata read (shape, dtype), none of its data."""
     if not _is_spec(leaf):
         return np.asarray(leaf)
     spec = _local_spec(leaf, folder, name)
     try:
-        return np.asarray(ts.open(spec, open=True, read=True).result().read().result())
+        return ts.open(spec, open=True, read=True).result()
     except ValueError as e:  # TensorStore's error for missing or damaged arrays.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: cannot read param {name} from "
-                              f"{spec['kvstore']['path']}: {first}") from None
+                              f"{spec['kvstore']['path']}: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _check_declared(opened: dict[str, Any], index: str) -> None:
+    """The arrays' declared sizes, before any is read (`declared_sizes`): every axis
+    within the largest T5 size, and the whole read (each array, and its float32 copy)
+    within the host's available memory."""
+    largest = max(declared_sizes.LIMITS.values())
+    needed = 0
+    for name, array in opened.items():
+        shape = tuple(int(n) for n in array.shape)
+        if any(n > largest for n in shape):
+            raise CheckpointError(f"{index}: param {name} declares shape {shape}, past any "
+                                  f"T5's sizes (at most {largest:,} per axis)")
+        size = int(np.prod(shape, dtype=np.float64))
+        itemsize = np.dtype(array.dtype.numpy_dtype if hasattr(array.dtype, "numpy_dtype")
+                            else array.dtype).itemsize
+        needed += size * (4 + itemsize)
+    declared_sizes.check_memory(needed, f"reading its {len(opened)} params (as float32)",
+                                index)
+
+
+def _read_array(opened: Any, folder: str, name: str) -> np.ndarray:
+    if isinstance(opened, np.ndarray):
+        return opened
+    try:
+        return np.asarray(opened.read().result())
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: cannot read param {name} from "
+                              f"{opened.kvstore.path}: {_first_line(e)}") from None
 
 
 def read_target(path: str) -> dict[str, np.ndarray]:
     """Every param under `optimizer/target` as `{"encoder/layers_0/...": array}`
-    (float32; the optimizer state is never read)."""
+    (float32; the optimizer state is never read). Every array's declared shape is
+    checked before any is read."""
     index = find_index(path)
     folder = os.path.dirname(os.path.abspath(index))
     target = _flatten_target(_read_index(index)["optimizer"]["target"])
-    arrays = {}
-    for key, leaf in target.items():
-        name = "/".join(key)
-        arrays[name] = _read_array(leaf, folder, name).astype(np.float32)
-    return arrays
+    opened = {"/".join(key): _open_array(leaf, folder, "/".join(key))
+              for key, leaf in target.items()}
+    _check_declared(opened, index)
+    return {name: _read_array(array, folder, name).astype(np.float32)
+            for name, array in opened.items()}
 
 
 def _count_layers(shapes: dict[str, tuple], stack: str, attention: str) -> int:

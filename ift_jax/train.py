@@ -35,7 +35,7 @@ from ift_jax import (best, checkpointing, config_checks, config_diff, distribute
                      evaluator, fileio, inference, model_setup, partitioning, preemption,
                      run_lock, runs, set_aside, suites)
 from ift_jax.configs import default as default_config
-from ift_jax.data import indexed, positions
+from ift_jax.data import indexed, pipeline, positions
 from ift_jax.train_step import (  # noqa: F401  (the step's public names, also here)
     TrainState, global_batches, jit_train_step, train_step)
 
@@ -111,17 +111,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     Nothing is written before every check has passed: the config's values
     (`config_checks`), no benchmark task in the training mixture
-    (`suites.check_training_mixture`), the eval suites' data, no other live
-    run on the workdir (a lock held for the whole run), and, on a resume, no
-    changed config field unless `allow_config_changes` names it (the accepted
-    changes are appended to `config_changes.jsonl`). `config.json` is written
-    once the run has started from its checkpoint, `init_from` or scratch.
+    (`suites.check_training_mixture`), some task with a positive rate in it, each
+    sampled task rendered with examples (`pipeline.check_training_data`), the eval
+    suites' data, an `init_from` that can be read (`runs.check_init_from`), no other
+    live run on the workdir (a lock held for the whole run), and, on a resume, no changed config field unless `allow_config_changes`
+    names it (the accepted changes are appended to `config_changes.jsonl`).
+    `config.json` is written once the run has started from its checkpoint,
+    `init_from` or scratch.
     """
     config_checks.validate_for_devices(config, jax.device_count(), jax.process_count())
     config_diff.check_allowed_keys(allow_config_changes, config)
     model_setup.prepare_data(config)
     suites.check_training_mixture(config.data.mixture)
+    pipeline.check_training_data(config.data.mixture)
     evaluator.check_suites(config)
+    if config.init_from:
+        runs.check_init_from(config.init_from)
     _check_writable(workdir)
     with run_lock.hold(workdir):
         if start_over:
@@ -158,7 +163,11 @@ def _config_changes(config: ml_collections.ConfigDict, workdir: str, setup, ckpt
     if not fileio.exists(path):
         return []
     with fileio.open(path) as f:
-        changes = config_diff.diff(json.load(f), config, defaults=default_config.get_config())
+        saved = json.load(f)
+    # Compared as written: what was trained (a config.json written before runs recorded
+    # that holds the config's own model.* values).
+    new = runs.as_trained(config, setup) if runs.REPLACED in saved else config
+    changes = config_diff.diff(saved, new, defaults=default_config.get_config())
     config_diff.check(changes, allowed, workdir)
     return changes
 
@@ -187,7 +196,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     changes = _config_changes(config, workdir, setup, ckpt, allow_config_changes)
     init, start = runs.start(setup, mesh, ckpt)
     state, frozen, shardings = init.state, init.frozen, init.shardings
-    _write_config(config, workdir, changes, start)
+    trained = runs.as_trained(config, setup)
+    if runs.REPLACED in trained:
+        logging.info("init_from %s has another architecture than config.model; trained "
+                     "(and recorded in config.json): %s", config.init_from, ", ".join(
+                         f"model.{k}={trained.model[k]!r} (config: {v!r})"
+                         for k, v in trained[runs.REPLACED]["config_values"].items()))
+    _write_config(trained, workdir, changes, start)
     _drop_metrics_after(workdir, start)
     _mark_unfinished(workdir, start, config.train.steps)
     model_setup.release_init_params(setup)  # On the devices now.

@@ -2,8 +2,7 @@
 
     python launch/tpu.py create --name=t5-pod --zone=us-central2-b \
         --accelerator_type=v4-32 --version=tpu-ubuntu2204-base --spot
-    python launch/tpu.py setup --name=t5-pod --zone=us-central2-b \
-        --git=https://github.com/ORG/ift_jax.git --ref=main
+    python launch/tpu.py setup --name=t5-pod --zone=us-central2-b
     python launch/tpu.py train --name=t5-pod --zone=us-central2-b \
         --config=configs/flan_t5.py:size=base --workdir=gs://my-bucket/runs/base \
         --set train.steps=20000
@@ -16,6 +15,10 @@ so a new run in it resumes from the latest checkpoint.
 On each worker, `setup` puts the source tree in ~/ift_jax_src (configs are
 found relative to it, as in a checkout) and installs it with the `tpu` extra
 into ~/ift_jax_venv (Python from uv, since TPU images may ship an older one).
+Where the source comes from is a setting: by default the git checkout this
+script is in (`--checkout=DIR` for another), packed with `git archive` (its
+committed HEAD) and copied to every worker; or `--sdist=FILE.tar.gz` (one you
+built), or `--git=URL [--ref=REF]` for the workers to clone.
 `train`/`sweep` run there, logging to ~/ift_jax_logs/<job>.log (copied to
 WORKDIR/logs/ at the end); a clean finish writes WORKDIR/<job>_done, which is
 what `resume-loop` waits for. ift-jax saves and exits 0 on SIGTERM, so exit 0
@@ -35,6 +38,7 @@ import dataclasses
 import os
 import shlex
 import sys
+import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
@@ -45,6 +49,9 @@ SRC = "~/ift_jax_src"
 VENV = "~/ift_jax_venv"
 LOGS = "~/ift_jax_logs"
 REMOTE_SDIST = "/tmp/ift_jax_sdist.tar.gz"
+# The default source: the checkout this script is in, packed here before it is copied.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKOUT_ARCHIVE = os.path.join(tempfile.gettempdir(), "ift_jax_checkout.tar.gz")
 # Long quiet trainings: keep the ssh session from being dropped as idle.
 KEEPALIVE = "--ssh-flag=-oServerAliveInterval=60"
 
@@ -100,24 +107,40 @@ class Machine:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where workers get ift_jax: a git URL (and ref) or a local sdist copied to them."""
+    """Where workers get ift_jax: a local git checkout (by default this one) packed and
+    copied to them, a local sdist copied to them, or a git URL (and ref) they clone."""
     git: Optional[str] = None
     ref: Optional[str] = None
     sdist: Optional[str] = None
     python_version: str = "3.12"
+    checkout: Optional[str] = None
 
     def __post_init__(self):
-        if (self.git is None) == (self.sdist is None):
-            raise ValueError("give exactly one of --git=URL (workers clone it) or "
-                             "--sdist=FILE.tar.gz (copied to every worker)")
+        if sum(x is not None for x in (self.git, self.sdist, self.checkout)) > 1:
+            raise ValueError("give one of --checkout=DIR (a local git checkout, packed and "
+                             "copied; the default is this one), --sdist=FILE.tar.gz (copied "
+                             "to every worker) or --git=URL (workers clone it)")
         if self.git is not None:
-            commands.check(self.git, _GIT_URL, "git URL", "https://github.com/ORG/ift_jax.git")
+            commands.check(self.git, _GIT_URL, "git URL",
+                           "https://github.com/your-account/ift_jax.git")
         if self.ref is not None:
             commands.check(self.ref, _GIT_REF, "git ref", "main")
         if self.sdist is not None and (not self.sdist.endswith(".tar.gz") or ":" in self.sdist):
             raise ValueError(f"--sdist {self.sdist!r}: expected a local .tar.gz (no ':', "
                              "which scp reads as HOST:PATH) from `python setup.py sdist`")
         commands.check(self.python_version, r"3\.[0-9]+", "Python version", "3.12")
+
+    @property
+    def local_checkout(self) -> Optional[str]:
+        """The checkout to pack: `checkout`, or this script's when nothing else is given."""
+        if self.git is None and self.sdist is None:
+            return self.checkout or CHECKOUT
+        return None
+
+    @property
+    def archive(self) -> Optional[str]:
+        """The local .tar.gz copied to the workers (an sdist, or the packed checkout)."""
+        return self.sdist or (CHECKOUT_ARCHIVE if self.local_checkout else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,9 +269,16 @@ def create_commands(tpu: Tpu, machine: Machine) -> list[list[str]]:
                        f"--version={machine.version}", *capacity)]
 
 
+def pack_command(checkout: str) -> list[str]:
+    """The checkout's committed HEAD as a .tar.gz (uncommitted changes are not in it)."""
+    return ["git", "-C", checkout, "archive", "--format=tar.gz", "--prefix=ift_jax/",
+            f"--output={CHECKOUT_ARCHIVE}", "HEAD"]
+
+
 def setup_commands(tpu: Tpu, source: Source) -> list[list[str]]:
-    copy = [tpu.scp_to_all(source.sdist, REMOTE_SDIST)] if source.sdist else []
-    return copy + [tpu.ssh(setup_script(source))]
+    pack = [pack_command(source.local_checkout)] if source.local_checkout else []
+    copy = [tpu.scp_to_all(source.archive, REMOTE_SDIST)] if source.archive else []
+    return pack + copy + [tpu.ssh(setup_script(source))]
 
 
 def job_commands(tpu: Tpu, job: Job) -> list[list[str]]:
@@ -359,9 +389,12 @@ def _parsers() -> argparse.ArgumentParser:
                           const="preemptible", help="preemptible capacity (older TPU types)")
 
     source = argparse.ArgumentParser(add_help=False)
-    source.add_argument("--git", help="repository URL every worker clones")
-    source.add_argument("--ref", help="branch, tag or commit to check out")
-    source.add_argument("--sdist", help="local .tar.gz (python setup.py sdist) copied to workers")
+    source.add_argument("--checkout", help="local git checkout whose committed HEAD is packed "
+                        "and copied to every worker (default: the one this script is in)")
+    source.add_argument("--sdist", help="or a local .tar.gz (python setup.py sdist) copied to "
+                        "workers")
+    source.add_argument("--git", help="or a repository URL every worker clones")
+    source.add_argument("--ref", help="with --git: branch, tag or commit to check out")
     source.add_argument("--python_version", default="3.12", help="Python for the worker venv")
 
     job = argparse.ArgumentParser(add_help=False)
@@ -412,10 +445,14 @@ def _plan(args: argparse.Namespace, extra: Sequence[str]) -> list[list[str]]:
 
 
 def _source(args: argparse.Namespace) -> Source:
-    source = Source(args.git, args.ref, args.sdist, args.python_version)
+    source = Source(args.git, args.ref, args.sdist, args.python_version, args.checkout)
     if source.sdist and not os.path.isfile(source.sdist):
         raise ValueError(f"--sdist {source.sdist!r}: no such file (build it with "
                          "`python setup.py sdist`)")
+    checkout = source.local_checkout
+    if checkout and not os.path.exists(os.path.join(checkout, ".git")):
+        raise ValueError(f"--checkout {checkout!r} is not a git checkout; give one, or "
+                         f"--sdist=FILE.tar.gz or --git=URL")
     return source
 
 

@@ -48,3 +48,20 @@ SLOWEST_FILES = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable.
+
+
+import pytest  # noqa: E402  (after the environment above, which jax must see first)
+
+
+@pytest.fixture(scope="session")
+def small_sentencepiece(tmp_path_factory):
+    """A real SentencePiece model of at most 60 pieces (T5's special ids), trained here."""
+    import sentencepiece
+    folder = tmp_path_factory.mktemp("spm")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog"
+                                for i in range(200)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=60,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    return folder / "spiece.model"

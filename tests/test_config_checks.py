@@ -35,10 +35,14 @@ def test_every_shipped_preset_passes():
     (dict(train__steps=0, optimizer__schedule="constant", eval__at_start=False),
      "train.steps=0 trains nothing"),
     (dict(train__batch_size=0), "train.batch_size=0 must be an integer >= 1"),
-    (dict(peft__method="prompt", peft__prompt_init="text", peft__prompt_init_text="Hi"),
+    (dict(peft__method="prompt", peft__prompt_init="text", peft__prompt_init_text="Hi",
+          data__pack=False),
      "peft.prompt_init='text' takes the embeddings of the text's tokens from the init_from "
      "base, and this run has no init_from; set --config.init_from=DIR"),
     (dict(train__keep_checkpoints=0), "with 0 a finished run would keep no model"),
+    (dict(peft__method="prompt"), "data.pack=True packs several examples into each row, and "
+                                  "prompt tuning (peft.method='prompt') prepends one soft prompt "
+                                  "per row; set --config.data.pack=False"),
     (dict(eval__every=-1), "eval.every=-1 must be an integer >= 0"),
     (dict(eval__num_beams=0), "eval.num_beams=0 must be an integer >= 1"),
     (dict(eval__incontext_shots="0,one"), "eval.incontext_shots='0,one' must be comma-separated"),
@@ -182,3 +186,12 @@ def get_config(arg=None):
     assert comments["train.steps"].above == ["Steps to train,", "over all hosts."]
     assert comments["train.seed"].inline == comments["train.batch_size"].inline == "Both."
     assert "lr" not in comments  # A blank line separates it from any comment.
+
+
+def test_prompt_tuning_on_packed_rows_is_refused_before_any_work(tmp_path, capsys):
+    from ift_jax import cli
+    workdir = tmp_path / "run"
+    assert cli.main(["train", f"--workdir={workdir}", "--config.peft.method=prompt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ift-jax train: error: data.pack=True packs ")
+    assert not workdir.exists()

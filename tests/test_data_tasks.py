@@ -201,3 +201,55 @@ def test_explicit_rates_set_the_sampling_proportions():
     share = sum("OPTIONS:" in x for x in inputs) / len(inputs)  # only sentiment has options
     assert 0.70 < share < 0.80
     seqio.MixtureRegistry.remove("test_explicit_rates")
+
+
+def test_a_mixture_with_no_positive_rate_is_refused_before_training(tmp_path, capsys):
+    from ift_jax import cli
+    mixtures.register_mixture("test_zero_rates", ["synthetic_sentiment",
+                                                  "synthetic_extraction"], default_rate=0.0)
+    try:
+        workdir = tmp_path / "run"
+        assert cli.main(["train", f"--workdir={workdir}", "--config.data.mixture=test_zero_rates",
+                         "--config.train.steps=2", "--config.optimizer.warmup_steps=0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["ift-jax train: error: mixture 'test_zero_rates' gives every task a rate "
+                       "of 0 (synthetic_extraction=0, synthetic_sentiment=0): nothing to sample "
+                       "from; give at least one task a positive rate (a task with no training "
+                       "examples gets 0 from examples-proportional mixing)"]
+        assert not workdir.exists()
+    finally:
+        seqio.MixtureRegistry.remove("test_zero_rates")
+
+
+def test_a_template_bomb_stops_ift_jax_train_in_one_line_naming_task_and_template(
+        tmp_path, capsys):
+    from ift_jax import cli
+    from ift_jax.data.templates import JinjaTemplate
+    source = sources.GeneratedSource(
+        "bomb", lambda split: [{"id": i, "text": "hello"} for i in range(4)], ("text",),
+        ("train", "validation"))
+    bomb = JinjaTemplate("grows", "{% for a in range(100000) %}{{ text * 1000 }}{% endfor %}"
+                                  " ||| {{ text }}")
+    instructions.register_task("test_template_bomb", source, [bomb])
+    try:
+        workdir = tmp_path / "run"
+        assert cli.main(["train", f"--workdir={workdir}",
+                         "--config.data.mixture=test_template_bomb", "--config.train.steps=2",
+                         "--config.optimizer.warmup_steps=0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["ift-jax train: error: task 'test_template_bomb', split 'train': "
+                       "template 'grows': rendering stopped: the output would make 4,005,000 "
+                       "characters or items, more than 4,000,000"]
+        assert not workdir.exists()
+    finally:
+        seqio.TaskRegistry.remove("test_template_bomb")
+
+
+def test_an_unknown_mixture_is_one_line_with_the_closest_names(tmp_path, capsys):
+    from ift_jax import cli
+    assert cli.main(["train", f"--workdir={tmp_path / 'run'}",
+                     "--config.data.mixture=ift_synthetc"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ift-jax train: error: no task or mixture is registered as 'ift_synthetc'; did you "
+        "mean ift_synthetic? `ift-jax tasks list` lists the tasks"]
+    assert not (tmp_path / "run").exists()

@@ -426,7 +426,9 @@ def test_config_keys_named_in_the_text_exist():
 
 @pytest.fixture(scope="module")
 def snippet_paths(tmp_path_factory):
-    """A tiny HF T5 directory and a LoRA adapter for it, for the placeholder paths."""
+    """A tiny HF T5 directory and a LoRA adapter for it, for the placeholder paths. The
+    adapter has LoRA dropout, as the adapters of `configs/flan_t5.py` (0.05) have: the
+    snippets must run on such adapters (the training model needs a dropout rng)."""
     import flax.linen as nn
     import jax
     import numpy as np
@@ -440,7 +442,7 @@ def snippet_paths(tmp_path_factory):
     params = jax.tree.map(lambda s: (0.05 * rng.normal(size=s.shape)).astype(np.float32),
                           nn.unbox(t5.abstract_variables(config)["params"]))
     hf.save_t5(str(root / "base"), config, params)
-    lora_cfg = peft.LoraConfig(rank=4, alpha=8.0)
+    lora_cfg = peft.LoraConfig(rank=4, alpha=8.0, dropout=0.05)
     lora_params = peft.init_adapters(peft.apply_lora(t5.Transformer(config), lora_cfg),
                                      params, jax.random.key(0))
     flat = traverse_util.flatten_dict(lora_params)  # A nonzero B changes the logits.

@@ -125,3 +125,31 @@ def test_pickled_code_in_torch_bin_is_refused(hf_dir):
 def test_save_t5_names_a_missing_param(tmp_path):
     with pytest.raises(hf.CheckpointError, match="params lack token_embedder/embedding"):
         hf.save_t5(str(tmp_path), CONFIG, {})
+
+
+def test_declared_sizes_are_checked_before_anything_is_allocated(hf_dir, monkeypatch,
+                                                                   capsys):
+    from ift_jax import cli, declared_sizes
+    _edit_config(hf_dir, num_layers=10000000)
+    assert cli.main(["model-info", f"--hf_dir={hf_dir}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ift-jax model-info: error: {hf_dir}/config.json: num_layers=10,000,000 is past the "
+        f"512 any T5 could have; the file is damaged or not a T5 checkpoint"]
+    _edit_config(hf_dir, num_layers=1, d_model="768")
+    assert "d_model='768' is not a positive integer" in _error(hf_dir)
+    _edit_config(hf_dir, num_layers=24, d_model=4096, d_ff=10240, num_heads=64, d_kv=64)
+    monkeypatch.setattr(declared_sizes, "available_memory", lambda: 8 * 2 ** 30)
+    assert ("reading the 4,891,041,792 params config.json declares (as float32) would take "
+            "18.2 GiB of host memory, and 8.0 GiB is available") in _error(hf_dir)
+
+
+def test_the_declared_param_count_is_the_models():
+    from ift_jax import declared_sizes
+    for name in ("tiny", "small"):
+        for tied, gated in ((False, True), (True, False)):
+            c = t5.get_config(name, tie_word_embeddings=tied, scale_decoder_outputs=tied,
+                              feed_forward_proj="gated-gelu" if gated else "relu",
+                              num_decoder_layers=3)
+            assert declared_sizes.param_count(
+                c.vocab_size, c.d_model, c.d_kv, c.d_ff, c.num_layers, c.num_decoder_layers,
+                c.num_heads, c.relative_attention_num_buckets, gated, tied) == t5.param_count(c)

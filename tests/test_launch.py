@@ -160,6 +160,31 @@ def test_setup_from_sdist_copies_it_to_every_worker(tmp_path):
     subprocess.run(["bash", "-n", "-c", ssh[-1].removeprefix("--command=")], check=True)
 
 
+def test_setup_by_default_packs_this_checkout_and_the_archive_installs(tmp_path):
+    result = _launch("tpu.py", "setup", "--name=t5-pod", "--zone=us-central2-b", "--dry_run")
+    assert result.returncode == 0, result.stderr
+    pack, scp, ssh = map(shlex.split, result.stdout.splitlines())
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(tpu.__file__)))
+    assert pack == ["git", "-C", repo, "archive", "--format=tar.gz", "--prefix=ift_jax/",
+                    f"--output={tpu.CHECKOUT_ARCHIVE}", "HEAD"]
+    assert scp == GCLOUD_TPU + ["scp", tpu.CHECKOUT_ARCHIVE, "t5-pod:/tmp/ift_jax_sdist.tar.gz",
+                                ZONE, "--worker=all"]
+    assert "tar -xzf /tmp/ift_jax_sdist.tar.gz" in ssh[-1]
+    # What the workers unpack: the committed tree, configs/ and setup.py at its top.
+    archive = tmp_path / "checkout.tar.gz"
+    subprocess.run([*pack[:-2], f"--output={archive}", "HEAD"], check=True)
+    listing = subprocess.run(["tar", "-tzf", str(archive)], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert {"ift_jax/setup.py", "ift_jax/configs/flan_t5.py", "ift_jax/launch/tpu.py"} <= set(
+        listing)
+    not_git = _launch("tpu.py", "setup", "--name=t5-pod", "--zone=us-central2-b",
+                      f"--checkout={tmp_path}", "--dry_run")
+    assert not_git.returncode == 2 and "is not a git checkout" in not_git.stderr
+    both = _launch("tpu.py", "setup", "--name=t5-pod", "--zone=us-central2-b",
+                   f"--checkout={repo}", "--git=https://example.com/ift_jax.git", "--dry_run")
+    assert both.returncode == 2 and "give one of --checkout=DIR" in both.stderr
+
+
 def test_train_dry_run_quotes_every_override_as_one_literal_argument():
     sets = [arg for i, v in enumerate(NASTY) for arg in ("--set", f"data.note{i}={v}")]
     result = _launch("tpu.py", "train", "--name=t5-pod", "--zone=us-central2-b",

@@ -43,11 +43,46 @@ def test_a_second_process_is_refused_with_the_holder_named(tmp_path):
         assert last.startswith("ift_jax.errors.WorkdirInUseError: workdir ")
         assert (f"is in use by another ift-jax run: host {socket.gethostname()}, pid "
                 f"{first.pid}, since ") in last and "use another --workdir" in last
+        assert (f"lock file {workdir / run_lock.LOCK_FILE} (workdir "
+                f"{os.path.realpath(workdir)})") in last
     finally:
         stop.touch()
         assert first.wait(timeout=60) == 0
     assert not (workdir / run_lock.LOCK_FILE).exists()  # Released on the way out.
     with run_lock.hold(str(workdir), process_index=0):  # Free again.
+        pass
+
+
+def test_a_copy_of_a_live_run_is_not_locked_by_the_original(tmp_path, caplog):
+    workdir, stop = tmp_path / "run", tmp_path / "stop"
+    first = _start_holder(workdir, stop)
+    try:
+        copy = tmp_path / "branch"
+        subprocess.run(["cp", "-a", str(workdir), str(copy)], check=True)  # The lock comes too.
+        assert json.loads((copy / run_lock.LOCK_FILE).read_text())["pid"] == first.pid
+        assert run_lock.live_holder(str(copy)) is None
+        with run_lock.hold(str(copy), process_index=0) as lock:
+            assert lock.read().pid == os.getpid()
+            assert lock.read().workdir == os.path.realpath(copy)
+        assert (f"lock file {copy / run_lock.LOCK_FILE} was taken for "
+                f"{os.path.realpath(workdir)} by host {socket.gethostname()}, pid "
+                f"{first.pid}") in caplog.text
+        with pytest.raises(errors.WorkdirInUseError, match=f"pid {first.pid}"):
+            run_lock.RunLock(str(workdir)).acquire()  # The original is still locked.
+    finally:
+        stop.touch()
+        assert first.wait(timeout=60) == 0
+
+
+def test_another_host_sees_the_same_folder_through_another_mount(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    inode = os.stat(workdir).st_ino
+    _plant(workdir, workdir="/mnt/elsewhere/run", workdir_inode=inode)
+    with pytest.raises(errors.WorkdirInUseError, match="workdir /mnt/elsewhere/run"):
+        run_lock.RunLock(str(workdir)).acquire()
+    _plant(workdir, workdir="/mnt/elsewhere/run", workdir_inode=inode + 1)  # A copy there.
+    with run_lock.hold(str(workdir), process_index=0):
         pass
 
 
@@ -64,13 +99,13 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
     assert f"pid {holder.pid}" in caplog.text
 
 
-def _plant(workdir, **fields):
+def _plant(folder, **fields):
     """A lock file as another process would have left it."""
     now = time.time()
     holder = run_lock.Holder(**{**dict(host="other-host", pid=4242, since=now - 600,
                                        heartbeat=now, token="t0", run_id=""), **fields})
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / run_lock.LOCK_FILE).write_text(json.dumps(dataclasses.asdict(holder)))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / run_lock.LOCK_FILE).write_text(json.dumps(dataclasses.asdict(holder)))
 
 
 def test_a_holder_on_another_host_is_alive_while_its_heartbeat_is_fresh(tmp_path):

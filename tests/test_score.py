@@ -118,15 +118,53 @@ def test_score_of_a_run_equals_transformers_loss_on_its_export_and_any_mesh(
     ('{"inputs": "a", "targets": "b"}\nnot json\n', "pairs.jsonl:2: not JSON"),
     ('["inputs", "targets"]\n', "pairs.jsonl:1: each line must be an object"),
     ("\n", "pairs.jsonl: no rows"),
+    (b'{"inputs": "a", "targets": "b"}\n{"inputs": "caf\xe9", "targets": "b"}\n',
+     "pairs.jsonl:2: not UTF-8 (byte 0xe9)"),
+    ('{"inputs": "a", "targets": "b"}\n'.encode("utf-16"),
+     "pairs.jsonl:1: not UTF-8 (byte 0xff); it looks like UTF-16, re-save it as UTF-8"),
 ])
 def test_bad_input_lines_are_one_error_line_naming_file_and_line(lines, message, hf_model,
                                                                  tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
-    path.write_text(lines)
+    path.write_bytes(lines if isinstance(lines, bytes) else lines.encode())
     assert cli.main(["score", f"--init_from={hf_model[0]}", f"--input={path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ift-jax score: error: ") and message in err
     assert len(err.strip().splitlines()) == 1
+    if "UTF" in message:  # predict reads its input the same way (a regression once).
+        assert cli.main(["predict", f"--workdir={tmp_path / 'no_run'}", f"--input={path}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ift-jax predict: error: ") and message.replace(
+            ', "targets": "b"', "") in err and len(err.strip().splitlines()) == 1
+
+
+def test_results_never_overwrite_the_input_or_a_runs_record(sharded_run, input_file,
+                                                           tmp_path, capsys):
+    before = {p: p.read_bytes() for p in sharded_run.rglob("*") if p.is_file()}
+    for output, message in [
+            (sharded_run / "config.json", f"would overwrite config.json of the training run "
+                                          f"in {sharded_run}"),
+            (sharded_run / "eval" / "scores.jsonl", "would overwrite eval of the training"),
+            (input_file, "is the --input file")]:
+        for command in (["score", f"--workdir={sharded_run}"],
+                        ["predict", f"--workdir={sharded_run}"]):
+            assert cli.main([*command, f"--input={input_file}", f"--output={output}"]) == 2
+            err = capsys.readouterr().err
+            assert message in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in sharded_run.rglob("*") if p.is_file()} == before
+
+
+def test_a_damaged_spiece_model_is_one_line_before_the_model_is_read(hf_model, input_file,
+                                                                   tmp_path, capsys):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(hf_model[0], model)
+    (model / "spiece.model").write_bytes(b"\x0a\x05trunc")  # A download cut short.
+    for flags in ([], [f"--vocab={model / 'config.json'}"]):  # Its own, or any file given.
+        assert cli.main(["score", f"--init_from={model}", f"--input={input_file}",
+                         *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a SentencePiece model" in err[0], err
 
 
 def test_score_takes_a_run_or_a_model_and_the_flags_that_go_with_it(hf_model, input_file,

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from ift_jax import cli, decoding, evaluation, evaluator, hf, lora, peft, peft_formats, serving
+from ift_jax import (cli, decoding, evaluation, hf, input_rows, lora, peft, peft_formats,
+                     serving)
 from ift_jax.data import vocabularies
 from ift_jax.models import t5
 
@@ -145,8 +146,7 @@ def _flags(root, dirs):
 
 def test_mixed_file_decodes_each_row_as_its_adapter_alone(served, base):
     root, dirs = served
-    rows = evaluator.read_inputs(str(root / "rows.jsonl"),
-                                 check=serving.row_check(list(dirs)))
+    rows = input_rows.read_rows(str(root / "rows.jsonl"), check=serving.row_check(list(dirs)))
     bank = serving.load_bank(str(root / "base"), dirs)
     vocab = vocabularies.make_vocabulary("byte")
     tokens = [vocab.encode(r["inputs"]) + [1] for r in rows]

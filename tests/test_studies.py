@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from ift_jax import cli, errors, hf, run_flags, studies, studies_runner
+from ift_jax import cli, errors, hf, run_flags, studies, studies_runner, study_pages
 from ift_jax.data import vocabularies
 from ift_jax.models import t5
 from ift_jax.studies import forgetting, lora_rank, prompt_vs_scale, recipe
@@ -90,6 +90,9 @@ def test_each_study_writes_its_page_with_table_commands_commit_and_times(root, n
     for step in plan.steps if name != "dialogsum_flan_t5" else ():
         assert step.shell() in page  # Every step's exact command.
     assert f"ift-jax study {name} --preset=smoke --workdir={root}" in page
+    # No path of this machine: the data beside the checkout, the checkout's own files.
+    assert "export IFT_JAX_DATA_DIR=../shared/data\n" in page
+    assert os.environ["IFT_JAX_DATA_DIR"] not in page and study_pages.CHECKOUT not in page
     commit = re.search(r"Commits?: `([0-9a-f]{40}(\+dirty)?|unknown)`", page)
     assert commit, "the page names the commit"
     assert "AMD" in page or "Intel" in page or "cores" in page
@@ -231,3 +234,17 @@ def test_lora_rank_plateau_counts_only_when_a_rank_beats_the_base():
     lines = lora_rank.findings(_ranks(6.0, 3.7, 0.4, 4.9))  # All below the base.
     assert "**inconclusive**" in lines[0] and "no rank's ROUGE-L beats the base's" in lines[1]
     assert any(line.startswith("Validation loss by rank: r = 1: 5.000") for line in lines)
+
+
+def test_a_page_claims_nothing_about_a_load_it_did_not_measure():
+    assert "otherwise idle" not in study_pages._timing_section(
+        [{"step": "s", "done": True, "wall_s": None, "cpu_s": None, "load": [None, None],
+          "attempts": [], "commits": []}], 2)
+    measured = study_pages._timing_section(
+        [{"step": "s", "done": True, "wall_s": 60.0, "cpu_s": 55.0, "load": [0.4, 0.8],
+          "attempts": [{}], "commits": ["abc"]}], 2)
+    assert "stayed at or below 0.8 on 2 cores while the steps ran: the machine was " \
+           "otherwise idle" in measured
+    assert study_pages.portable_data_dir("/elsewhere/datasets") == "/path/to/data"
+    assert study_pages.portable(f"--config={study_pages.CHECKOUT}/configs/flan_t5.py:x") == (
+        "--config=configs/flan_t5.py:x")

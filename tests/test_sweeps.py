@@ -1,12 +1,17 @@
 """Sweeps: override lists, dry runs, and the tiny presets run end to end."""
 
 import csv
+import io
 import json
 import os
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
-from ift_jax import cli, sweeps
+from ift_jax import cli, sweep_points, sweeps
 
 LORA_RANK = "configs/sweeps/lora_rank.py"
 PEFT_METHODS = "configs/sweeps/peft_methods.py"
@@ -57,13 +62,21 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_a_point_process_reports_its_exit_code():
+def test_a_point_process_reports_its_exit_code_and_why_it_failed():
     import sys
-    assert sweeps.run_point([sys.executable, "-c", "raise SystemExit(3)"]) == (3, False)
+    assert sweep_points.run_point([sys.executable, "-c", "raise SystemExit(3)"]) == (
+        3, False, "exit code 3")
+    said = ("import sys; print('step 1', file=sys.stderr); print('ift-jax train: error: "
+            "no such mixture', file=sys.stderr); print('after', file=sys.stderr); sys.exit(2)")
+    assert sweep_points.run_point([sys.executable, "-c", said]) == (2, False,
+                                                                    "no such mixture")
+    crash = "raise StopIteration"
+    code, _, reason = sweep_points.run_point([sys.executable, "-c", crash])
+    assert code == 1 and reason == "StopIteration"
 
 
 # In process: the same points and files as with a process per point, without the
-# ~8 s start-up of each (`sweeps.run_point` is the process path).
+# ~8 s start-up of each (`sweep_points.run_point` is the process path).
 # The methods' sweep runs one of its points (`--points`): each method trains on its
 # own in test_train_peft_methods.py; here the sweep machinery is what is tested.
 @pytest.mark.parametrize("config, names, points", [
@@ -123,8 +136,9 @@ def test_a_signal_is_passed_to_the_running_point_and_ends_the_sweep(tmp_path, mo
     started, forwarded = [], []
 
     class FakePoint:  # Stands in for the `ift-jax train` process of a point.
-        def __init__(self, argv):
+        def __init__(self, argv, **kwargs):
             started.append(argv)
+            self.stderr = io.BytesIO(b"")
 
         def send_signal(self, signum):
             forwarded.append(signum)
@@ -134,10 +148,101 @@ def test_a_signal_is_passed_to_the_running_point_and_ends_the_sweep(tmp_path, mo
                 signal.raise_signal(signal.SIGTERM)
             return 0
 
-    monkeypatch.setattr(sweeps.subprocess, "Popen", FakePoint)
+    monkeypatch.setattr(sweep_points.subprocess, "Popen", FakePoint)
     previous = signal.getsignal(signal.SIGTERM)
     assert sweeps.run(f"{LORA_RANK}:tiny", str(tmp_path)) == 0
     assert len(started) == 2 and forwarded == [signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is previous  # Handler restored.
     rows = _rows(f"{tmp_path}/sweep_summary.csv")
     assert [r["status"] for r in rows] == ["not run"] * 2
+
+
+SWEEP_FILE = """
+from ift_jax.configs import default
+
+def get_config(arg=None):
+    return default.get_config()
+
+def get_sweep(arg=None):
+    return [{"name": "typo", "data.mixture": "ift_synthetc"},
+            {"name": "fine", "train.steps": 2}]
+"""
+
+
+def test_a_failed_point_is_failed_in_the_summary_with_its_reason(tmp_path, capsys):
+    spec = tmp_path / "sweep.py"
+    spec.write_text(SWEEP_FILE)
+    root = tmp_path / "root"
+    assert cli.main(["sweep", f"--config={spec}", f"--workdir={root}", "--in_process",
+                     "--points=typo"]) == 1
+    assert "1 point(s) failed" in capsys.readouterr().err
+    row, = _rows(root / "sweep_summary.csv")
+    reason = ("no task or mixture is registered as 'ift_synthetc'; did you mean "
+              "ift_synthetic? `ift-jax tasks list` lists the tasks")
+    assert (row["status"], row["reason"]) == ("failed", reason)
+    assert f"| typo | ift_synthetc | failed | {reason} |" in (
+        root / "sweep_summary.md").read_text()
+    assert json.loads((root / sweeps.POINTS_FILE).read_text())["typo"]["exit_code"] == 2
+
+
+# The parent-death signal: a point whose sweep is SIGKILLed gets SIGTERM. The point asks
+# for it as `ift-jax` does first thing (`sweep_points.die_with_sweep`).
+SUPERVISED = """
+import sys
+from ift_jax import sweep_points
+child = "import signal, sys, time, pathlib; from ift_jax import sweep_points; " \\
+    "sweep_points.die_with_sweep(); " \\
+    "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(sys.argv[1]).write_text('term'), " \\
+    "sys.exit(0))); pathlib.Path(sys.argv[2]).write_text('ready'); time.sleep(120)"
+sweep_points.run_point([sys.executable, "-c", child, sys.argv[1], sys.argv[2]])
+"""
+
+
+def test_a_killed_sweep_stops_its_running_point(tmp_path):
+    import signal
+    stopped, ready = tmp_path / "stopped", tmp_path / "ready"
+    sweep = subprocess.Popen([sys.executable, "-c", SUPERVISED, str(stopped), str(ready)])
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert time.monotonic() < deadline and sweep.poll() is None, "the point never started"
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    while not stopped.exists():
+        assert time.monotonic() < deadline, "the orphaned point was never stopped"
+        time.sleep(0.05)
+    assert stopped.read_text() == "term"
+
+
+# An earlier sweep's run of a point, still going: it finishes while the rerun waits.
+ORPHAN = """
+import json, os, sys, time
+from ift_jax import run_lock
+with run_lock.hold(sys.argv[1], process_index=0, heartbeat_s=0.05):
+    print("held", flush=True)
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.02)
+    with open(os.path.join(sys.argv[1], "summary.json"), "w") as f:
+        json.dump({"finished": True, "step": 2}, f)
+"""
+
+
+def test_a_rerun_adopts_a_point_still_running_instead_of_failing_it(tmp_path, monkeypatch,
+                                                                   capsys):
+    spec = tmp_path / "sweep.py"
+    spec.write_text(SWEEP_FILE)
+    root, stop = tmp_path / "root", tmp_path / "stop"
+    orphan = subprocess.Popen([sys.executable, "-c", ORPHAN, str(root / "fine"), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    assert orphan.stdout.readline() == "held\n"
+    points = sweeps.select(sweeps.load_points(str(spec)), ["fine"], str(spec))
+    assert [r["status"] for r in sweeps.summary_rows(str(root), points)] == ["running"]
+    monkeypatch.setattr(sweep_points, "ADOPT_POLL_S", 0.05)
+    threading.Timer(1.0, stop.touch).start()
+    started = []
+    assert sweeps.run(str(spec), str(root), only=["fine"],
+                      in_process=lambda argv: started.append(argv) or 2) == 0
+    assert orphan.wait(timeout=60) == 0
+    assert not started  # The orphan finished it: nothing was started, nothing failed.
+    assert "sweep point fine: still running from an earlier launch" in capsys.readouterr().out
+    assert [r["status"] for r in _rows(root / "sweep_summary.csv")] == ["finished"]

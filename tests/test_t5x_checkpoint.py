@@ -6,6 +6,7 @@ import os
 
 import flax.linen as nn
 import jax
+import msgpack
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -123,14 +124,12 @@ def test_params_and_config_come_back_from_the_t5x_layout(model_dir):
     assert t5x_checkpoint.checkpoint_step(str(root)) == 1000
 
 
-def test_convert_writes_an_hf_directory_transformers_runs_with_the_same_logits(model_dir,
-                                                                              tmp_path,
-                                                                              capsys):
+def test_convert_writes_an_hf_directory_transformers_runs_with_the_same_logits(
+        model_dir, tmp_path, capsys, small_sentencepiece):
     import torch
     import transformers
     case, config, params, root = model_dir
-    vocab = tmp_path / "sentencepiece.model"
-    vocab.write_bytes(b"stand-in for a SentencePiece model")
+    vocab = small_sentencepiece
     out = tmp_path / "hf"
     flags = [f"--{k}={v}" for k, v in OVERRIDES.get(case, {}).items()]
     assert cli.main(["convert", f"--t5x_checkpoint={root}/checkpoint_1000", f"--output={out}",
@@ -149,6 +148,27 @@ def test_convert_writes_an_hf_directory_transformers_runs_with_the_same_logits(m
         theirs = model(input_ids=torch.as_tensor(enc), decoder_input_ids=torch.as_tensor(dec)
                        ).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_refuses_a_vocab_that_is_no_sentencepiece_model_or_too_big(
+        tmp_path, capsys, small_sentencepiece):
+    params = _random_params(CASES["uneven"])  # vocab_size 80
+    write_t5x_checkpoint(str(tmp_path / "checkpoint_1"), params)
+    fake = tmp_path / "config.json"
+    fake.write_text('{"model_type": "t5"}')
+    out = tmp_path / "hf"
+    argv = ["convert", f"--t5x_checkpoint={tmp_path / 'checkpoint_1'}", f"--output={out}"]
+    assert cli.main([*argv, f"--vocab={fake}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"ift-jax convert: error: vocabulary {fake} is not a SentencePiece model (20 bytes")
+    small = CASES["uneven"].replace(vocab_size=40)
+    write_t5x_checkpoint(str(tmp_path / "checkpoint_2"), _random_params(small))
+    assert cli.main(["convert", f"--t5x_checkpoint={tmp_path / 'checkpoint_2'}",
+                     f"--output={out}", f"--vocab={small_sentencepiece}"]) == 2
+    err = capsys.readouterr().err
+    assert "more than the model's vocab_size 40" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_what_cannot_be_read_is_one_line_naming_it(tmp_path):
@@ -196,3 +216,35 @@ def test_convert_of_a_missing_folder_is_one_error_line(tmp_path, capsys):
     assert err == (f"ift-jax convert: error: t5x checkpoint {tmp_path}/none: no such file or "
                    f"directory\n")
     assert not (tmp_path / "hf").exists()
+
+
+def test_declared_sizes_and_nesting_are_checked_before_anything_is_allocated(
+        tmp_path, capsys, monkeypatch):
+    from ift_jax import declared_sizes
+    monkeypatch.setattr(declared_sizes, "available_memory", lambda: 16 * 2 ** 30)
+    folder = tmp_path / "checkpoint_1"
+    write_t5x_checkpoint(str(folder), _random_params(CASES["v1_1"]))
+    huge = {"driver": "zarr", "kvstore": {"driver": "file", "path": "target.huge"},
+            "dtype": "float32", "metadata": {"shape": [200000, 200000], "chunks": [1024, 1024],
+                                             "compressor": {"id": "gzip"}}}
+    absolute = {**huge, "kvstore": {"driver": "file", "path": str(folder / "target.huge")}}
+    ts.open(absolute, create=True, open=True).result()  # Metadata only: no chunk written.
+    index = folder / "checkpoint"
+    contents = serialization.msgpack_restore(index.read_bytes())
+    contents["optimizer"]["target"]["token_embedder"]["embedding"] = huge
+    index.write_bytes(serialization.msgpack_serialize(contents))
+    out = tmp_path / "hf"
+    assert cli.main(["convert", f"--t5x_checkpoint={folder}", f"--output={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ift-jax convert: error: {index}: reading its ")
+    assert "298.0 GiB of host memory, and 16.0 GiB is available" in err[0]
+    assert not out.exists()
+
+    # 200 levels: within msgpack's own limit, past what the readers would recurse through.
+    nested = b"\x81\xa1a" * 200 + b"\x80"
+    index.write_bytes(b"\x82" + msgpack.packb("version") + msgpack.packb(3)
+                      + msgpack.packb("optimizer") + b"\x81" + msgpack.packb("target") + nested)
+    assert cli.main(["convert", f"--t5x_checkpoint={folder}", f"--output={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ift-jax convert: error: {index} nests deeper than 64 levels; a t5x index "
+                   f"nests about 10: not a t5x checkpoint"]

@@ -233,3 +233,76 @@ def test_choose_exemplars_deterministic_distinct_and_excluding():
 def test_choose_exemplars_not_enough_candidates():
     with pytest.raises(TemplateError, match="cannot choose 5 exemplars from 4 candidates"):
         choose_exemplars(5, 5, seed=0, example_id="x", exclude=2)
+
+
+# --- bounds on what a template may do ---------------------------------------------------
+
+BOMBS = {
+    "nested loops printing": "{% for a in range(100000) %}{% for b in range(100000) %}"
+                             "{{ text }}{% endfor %}{% endfor %}",
+    "text times 1000 in a loop": "{% for a in range(100000) %}{{ text * 1000 }}{% endfor %}",
+    "a huge repeat": "{{ text * 1000000000 }}",
+    "a list repeated": "{{ (range(100000)|list) * 100000 }}",
+    "doubling by ~": "{% set ns = namespace(s=text) %}{% for i in range(64) %}"
+                     "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    "doubling by +": "{% set ns = namespace(s=text) %}{% for i in range(64) %}"
+                     "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+    "a padded method": "{{ text.ljust(1000000000) }}",
+    "a format width": "{{ '{:>1000000000}'.format(text) }}",
+    "a width from an argument": "{{ '{:>{}}'.format(text, 1000000000) }}",
+    "a printf width": "{{ '%1000000000s' % text }}",
+    "the format filter": "{{ '%1000000000s'|format(text) }}",
+    "a centered filter": "{{ text|center(1000000000) }}",
+    "replace between every character": "{{ (text * 1000)|replace('', text * 1000) }}",
+    "a huge power": "{{ 7 ** 100000000 }}",
+    "a macro calling itself": "{% macro m(n) %}{{ m(n + 1) }}{% endmacro %}{{ m(0) }}",
+    "lorem ipsum": "{{ lipsum(100000000) }}",
+}
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_a_template_bomb_stops_within_its_bounds_in_one_line(name):
+    from ift_jax.data import bounded_jinja
+    template = JinjaTemplate("bomb", BOMBS[name] + " ||| x")
+    with pytest.raises(TemplateError) as raised:
+        template.render({"text": "hello world"})
+    message = str(raised.value)
+    assert message.startswith("template 'bomb': rendering stopped: ") and "\n" not in message
+    assert str(f"{bounded_jinja.MAX_CHARS:,}") in message or "bits" in message or (
+        f"deeper than {bounded_jinja.MAX_DEPTH}" in message)
+
+
+@pytest.mark.parametrize("source", [
+    "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+    "{% for a in text %}{% for b in text %}{% for c in text %}{% for d in text %}"
+    "{% for e in text %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}",
+])
+def test_a_template_that_runs_without_end_stops_at_the_time_bound(source, monkeypatch):
+    from ift_jax.data import bounded_jinja
+    import time
+    monkeypatch.setattr(bounded_jinja, "MAX_SECONDS", 0.3)
+    started = time.monotonic()
+    with pytest.raises(TemplateError, match="rendering stopped: rendering took longer than "
+                                            "0.3 s"):
+        JinjaTemplate("slow", source + " ||| x").render({"text": "hello world" * 10})
+    assert time.monotonic() - started < 5
+
+
+def test_bounded_rendering_keeps_what_real_templates_do():
+    template = JinjaTemplate(
+        "fine", "{% for w in text.split() %}{{ w|upper ~ '!' }} {% endfor %}"
+                "{{ '%d' % 12345678 }} {{ '{:>6}'.format(n) }} {{ 'x' * 3 }} "
+                "{{ items|join(', ') }} ||| {{ answer_choices[label] }}",
+        answer_choices="no ||| yes")
+    assert template.render({"text": "a b", "n": 42, "items": ["p", "q"], "label": 1}) == (
+        "A! B! 12345678     42 xxx p, q", "yes")
+
+
+def test_pattern_widths_are_bounded_too():
+    with pytest.raises(TemplateError, match="format spec '>1000000000' would make"):
+        PatternTemplate("wide", "{text:>1000000000}", "{label}")
+    from_data = PatternTemplate("wide", "{text:>{width}}", "{label}")
+    with pytest.raises(TemplateError, match=r"format spec '>\{width\}' would make 1,000,000,000"):
+        from_data.render({"text": "a", "width": 1000000000, "label": "x"})
+    assert from_data.render({"text": "a", "width": 3, "label": "x"}) == ("  a", "x")

@@ -5,6 +5,7 @@ import pytest
 import seqio
 
 import ift_jax.tasks  # noqa: F401
+from ift_jax import errors
 from ift_jax.data import vocabularies
 
 
@@ -44,6 +45,14 @@ def test_missing_sentencepiece_file_says_what_to_pass(tmp_path):
         vocabularies.make_vocabulary(str(tmp_path / "spiece.model"))
 
 
+def test_a_file_that_is_no_sentencepiece_model_is_refused_before_use(tmp_path):
+    damaged = tmp_path / "spiece.model"
+    damaged.write_bytes(b"\x00" * 64)
+    with pytest.raises(errors.DataError, match=f"vocabulary {damaged} is not a SentencePiece "
+                                               f"model \\(64 bytes"):
+        vocabularies.make_vocabulary(str(damaged))
+
+
 def test_nothing_to_train_on_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no text"):
         vocabularies.train_sentencepiece(["", "  "], str(tmp_path / "m"), 100)
@@ -53,3 +62,16 @@ def test_byte_vocabulary_round_trips_numpy_ids():
     vocab = vocabularies.make_vocabulary("byte")
     ids = np.asarray(vocab.encode("T5"))
     assert vocab.decode(ids.tolist()) == "T5"
+
+
+def test_a_vocabulary_bigger_than_the_model_is_refused_leaving_no_checkpoints(tmp_path,
+                                                                              capsys):
+    from ift_jax import cli
+    workdir = tmp_path / "run"
+    assert cli.main(["train", f"--workdir={workdir}", "--config.model.vocab_size=200",
+                     "--config.train.steps=2", "--config.optimizer.warmup_steps=0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ift-jax train: error: vocabulary byte has 259 ids, more than the model's vocab_size "
+        "200: ids past 199 have no embedding; use the model's own vocabulary (its "
+        "spiece.model), or a model with more rows"]
+    assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()

@@ -7,6 +7,7 @@ registries that `import ift_jax.tasks` fills.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 from typing import Iterable, Optional
 
@@ -29,9 +30,29 @@ class TaskSummary:
     metrics: tuple[str, ...]
 
 
+def get(name: str) -> seqio.Task | seqio.Mixture:
+    """The registered task or mixture `name`.
+
+    Raises:
+      DataError: no such name, with the closest registered ones.
+    """
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError:
+        known = [*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()]
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise errors.DataError(f"no task or mixture is registered as {name!r}; {hint}"
+                               f"`ift-jax tasks list` lists the tasks") from None
+
+
 def tasks_of(name: str) -> list[seqio.Task]:
-    """The task itself, or every task of a mixture (recursively)."""
-    provider = seqio.get_mixture_or_task(name)
+    """The task itself, or every task of a mixture (recursively).
+
+    Raises:
+      DataError: no such task or mixture.
+    """
+    provider = get(name)
     if isinstance(provider, seqio.Mixture):
         return list(provider.tasks)
     return [provider]

@@ -173,8 +173,12 @@ class InstructionDataSource(cache_lib.PerExampleSource):
             if self.rendering.num_shots:
                 pool = self.records.load(self.rendering.exemplar_split)
                 pool_is_records = split == self.rendering.exemplar_split
-            self._rendered[split] = render_records(records, self.templates, self.rendering,
-                                                   pool, pool_is_records)
+            try:
+                self._rendered[split] = render_records(records, self.templates,
+                                                       self.rendering, pool, pool_is_records)
+            except templates_lib.TemplateError as e:
+                raise templates_lib.TemplateError(f"task {self.task_name!r}, split {split!r}: "
+                                                  f"{e}") from None
         return self._rendered[split]
 
     def num_input_examples(self, split: str) -> int:

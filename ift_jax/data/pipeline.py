@@ -22,7 +22,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from ift_jax.data import cache
+from ift_jax import errors
+from ift_jax.data import cache, inspection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,43 @@ class BatchSpec:
     @property
     def feature_lengths(self) -> dict[str, int]:
         return {"inputs": self.inputs_length, "targets": self.targets_length}
+
+
+def check_training_data(name: str, split: str = "train") -> None:
+    """Refuses, before a run writes anything, a task or mixture it could not train on:
+    a mixture with no task of positive rate (seqio's sampler would end the stream at
+    once: a bare `StopIteration` at the first step) or with a negative or non-finite
+    rate, and, for live (uncached) tasks, one whose templates fail on a record or that
+    has no examples in `split`. Live tasks are rendered here, once: the run's pipeline
+    reads the same rendered examples.
+
+    Raises:
+      DataError: naming the mixture and every task's rate, or the task (and template).
+    """
+    task_or_mixture = inspection.get(name)
+    if isinstance(task_or_mixture, seqio.Mixture):
+        tasks = _sampled_tasks(task_or_mixture)
+    else:
+        tasks = [task_or_mixture]
+    if cache.cache_dir():
+        return  # Cached tasks were rendered and counted when the cache was written.
+    for task in tasks:
+        if not task.num_input_examples(split):
+            raise errors.DataError(f"task {task.name!r}: split {split!r} has no examples")
+
+
+def _sampled_tasks(mixture: seqio.Mixture) -> list[seqio.Task]:
+    rates = {task.name: float(mixture.get_rate(task)) for task in mixture.tasks}
+    shown = ", ".join(f"{task}={rate:g}" for task, rate in rates.items())
+    if any(not rate >= 0 or rate == float("inf") for rate in rates.values()):
+        raise errors.DataError(f"mixture {mixture.name!r}: rates must be finite and >= 0; got "
+                               f"{shown}")
+    if not any(rates.values()):
+        raise errors.DataError(
+            f"mixture {mixture.name!r} gives every task a rate of 0 ({shown}): nothing to "
+            f"sample from; give at least one task a positive rate (a task with no training "
+            f"examples gets 0 from examples-proportional mixing)")
+    return [task for task in mixture.tasks if rates[task.name] > 0]
 
 
 def host_shard_info() -> seqio.ShardInfo:

@@ -35,6 +35,33 @@ class DataFileError(errors.DataError):
 # --- reading ---------------------------------------------------------------------------
 
 
+class NotUtf8(ValueError):
+    """Bytes that are not UTF-8: the line of the first bad byte and what is wrong there."""
+
+    def __init__(self, line: int, problem: str):
+        super().__init__(f"line {line}: {problem}")
+        self.line, self.problem = line, problem
+
+
+def decode_utf8(data: bytes) -> str:
+    """`data` decoded as UTF-8, a leading byte-order mark dropped.
+
+    Raises:
+      NotUtf8: naming the line and byte (and UTF-16, which is what Windows tools
+        write as "Unicode").
+    """
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        hint = ""
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            hint = "; it looks like UTF-16, re-save it as UTF-8"
+        raise NotUtf8(data[:exc.start].count(b"\n") + 1,
+                      f"not UTF-8 (byte 0x{data[exc.start]:02x}){hint}") from None
+
+
 def _read_text(path: str) -> str:
     """The file's text, decoded as UTF-8 (a leading byte-order mark is dropped)."""
     try:
@@ -44,17 +71,10 @@ def _read_text(path: str) -> str:
         raise DataFileError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataFileError(f"{path}: is a directory, not a data file") from None
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        hint = ""
-        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            hint = "; it looks like UTF-16, re-save it as UTF-8"
-        raise DataFileError(f"{path}: line {line}: not UTF-8 (byte "
-                            f"0x{data[exc.start]:02x}){hint}") from None
+        return decode_utf8(data)
+    except NotUtf8 as exc:
+        raise DataFileError(f"{path}: {exc}") from None
 
 
 def _read_jsonl(path: str, text: str) -> list[dict]:

@@ -8,7 +8,8 @@ Two kinds, matching the two public collections:
 * `JinjaTemplate` — promptsource's jinja strings, input and target separated by
   `|||`, with an optional `answer_choices` jinja string. Templates are rendered in
   jinja's immutable sandbox, so a template can read an example but cannot reach
-  Python internals.
+  Python internals, and within bounds of time, size and call depth
+  (`ift_jax.data.bounded_jinja`), so it cannot run or grow without end either.
 
 Also here: `validate_templates` (checked once per task, before any data flows),
 `choose_template` (which template an example gets, stable across processes) and
@@ -31,9 +32,9 @@ from typing import Union
 import jinja2
 import jinja2.exceptions
 import jinja2.meta
-import jinja2.sandbox
 
 from ift_jax import errors
+from ift_jax.data import bounded_jinja
 
 OPTIONS_FIELD = "options_"
 SEPARATOR = "|||"
@@ -78,6 +79,26 @@ def _root_field(field_name: str) -> str:
     return re.split(r"[.\[]", field_name, maxsplit=1)[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _specs(text: str) -> tuple[str, ...]:
+    """The format specs of a `str.format` string's fields (`>20` of `{text:>20}`)."""
+    return tuple(spec for _, _, spec, _ in string.Formatter().parse(text) if spec)
+
+
+def _width_problem(spec: str, values: Mapping) -> str | None:
+    """Why formatting with `spec` would make more than `bounded_jinja.MAX_CHARS`
+    characters (a width like `{text:>999999999}`, or one taken from the example)."""
+    widths = [int(n) for n in re.findall(r"\d+", re.sub(r"\{[^{}]*\}", "", spec))]
+    for name in _format_fields(spec):
+        value = values.get(_root_field(name))
+        if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+            widths.append(int(value))
+    if widths and max(widths) > bounded_jinja.MAX_CHARS:
+        return (f"format spec {spec!r} would make {max(widths):,} characters, more than "
+                f"{bounded_jinja.MAX_CHARS:,}")
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class PatternTemplate:
     """A FLAN pattern: `str.format` strings for the inputs and the targets.
@@ -100,6 +121,10 @@ class PatternTemplate:
                 raise TemplateError(f"template {self.name!r}: bad format string: {exc}") from exc
             for field_name in field_names:
                 self._check_field_name(field_name)
+            for spec in _specs(text):
+                problem = _width_problem(spec, {})
+                if problem:
+                    raise TemplateError(f"template {self.name!r}: {problem}")
 
     def _check_field_name(self, field_name: str) -> None:
         root = _root_field(field_name)
@@ -149,6 +174,11 @@ class PatternTemplate:
         values = dict(example)
         if OPTIONS_FIELD in self._roots():
             values[OPTIONS_FIELD] = format_options(example["options"])
+        for spec in (s for text in (self.inputs, self.targets) for s in _specs(text)
+                     if "{" in s):
+            problem = _width_problem(spec, values)
+            if problem:
+                raise TemplateError(f"template {self.name!r}: {problem}")
         try:
             return self.inputs.format_map(values), self.targets.format_map(values)
         except (LookupError, AttributeError, TypeError, ValueError) as exc:
@@ -158,7 +188,7 @@ class PatternTemplate:
 
 # --- promptsource jinja templates ------------------------------------------------------
 
-_ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)
+_ENV = bounded_jinja.BoundedEnvironment(undefined=jinja2.StrictUndefined)
 _NOT_FIELDS = frozenset(_ENV.globals) | {"loop", "answer_choices"}
 # promptsource hides `|||` inside example values so only the template's own splits.
 _PIPE_PLACEHOLDER = "\x00PIPE\x00"
@@ -216,6 +246,9 @@ class JinjaTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"template {self.name!r}: jinja syntax error on line "
                                 f"{exc.lineno}: {exc.message}") from exc
+        except RecursionError:
+            raise TemplateError(f"template {self.name!r} is nested too deeply to parse "
+                                f"({len(source):,} characters)") from None
 
     def fields(self) -> frozenset[str]:
         """Example fields the template and its answer_choices read."""
@@ -223,8 +256,15 @@ class JinjaTemplate:
         return frozenset().union(*(_undeclared(s) for s in sources)) - _NOT_FIELDS
 
     def _render_source(self, source: str, context: Mapping) -> str:
+        compiled = self._compiled(source)
         try:
-            return self._compiled(source).render(context)
+            with bounded_jinja.bounded():
+                return compiled.render(context)
+        except bounded_jinja.LimitExceeded as exc:
+            raise TemplateError(f"template {self.name!r}: rendering stopped: {exc}") from None
+        except RecursionError:
+            raise TemplateError(f"template {self.name!r}: rendering stopped: recursion "
+                                f"deeper than Python allows") from None
         except jinja2.exceptions.SecurityError as exc:
             raise TemplateError(f"template {self.name!r}: unsafe access refused: "
                                 f"{exc}") from exc

@@ -21,20 +21,22 @@ from typing import Iterable, Optional
 import seqio
 
 from ift_jax import errors
-from ift_jax import fileio
+from ift_jax.data import sentencepiece_file
 
 ENV_VAR = "IFT_JAX_VOCAB"
 DEFAULT_SPEC = "byte"
 
 
 def make_vocabulary(spec: str, extra_ids: int = 0) -> seqio.Vocabulary:
-    """`"byte"` -> ByteVocabulary; a path -> SentencePieceVocabulary (T5 ids)."""
+    """`"byte"` -> ByteVocabulary; a path -> SentencePieceVocabulary (T5 ids), the file
+    checked first (seqio opens it lazily: a damaged one would fail at the first use).
+
+    Raises:
+      MissingError, DataError: no such file, or not a SentencePiece model.
+    """
     if spec == "byte":
         return seqio.ByteVocabulary(extra_ids=extra_ids)
-    if not fileio.exists(spec):  # seqio reads gs:// paths too (tf.io.gfile).
-        raise errors.MissingError(
-              f"vocabulary {spec!r}: no such SentencePiece model file; use 'byte' or the path "
-              f"of a .model file (e.g. FLAN-T5's spiece.model)")
+    sentencepiece_file.check(spec)
     return seqio.SentencePieceVocabulary(spec, extra_ids=extra_ids)
 
 
