@@ -17,10 +17,10 @@ What this module owns (the model that composes them is `ift_jax.models.t5gemma`)
   T5Gemma 2's end-of-image embedding, and `attend` for tied output logits.
 
 Params carry the logical axis names of `ift_jax.models.layers` (`embed`, `heads`,
-`kv`, `vocab`); the key and value projections use `kv_heads` for their head axis,
-which `ift_jax.partitioning` has no rule for, so they are replicated: with
-fewer KV heads than the tensor axis (one KV head in T5Gemma 2 270M and 1B)
-sharding them would not divide.
+`kv`, `vocab`), the key and value projections' KV-head axis `heads` too:
+`partitioning.logical_shardings` shards it over `tensor` where the KV heads
+divide that axis and replicates it where they do not (one KV head in T5Gemma 2
+270M and 1B). Their outputs carry no constraint, so they follow their kernels.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ DType = Any
 NEG_INF = float(np.finfo(np.float32).min)  # Additive mask value, as HF's eager attention.
 
 _HEADS_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
-_KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
 
 
 class RMSNorm(nn.Module):
@@ -155,8 +154,7 @@ class Attention(nn.Module):
 
     def _projection(self, name: str) -> nn.Module:
         heads = self.num_heads if name == "query" else self.num_kv_heads
-        head_axis = "heads" if name == "query" else "kv_heads"
-        return layers.DenseGeneral((heads, self.head_dim), ("embed", head_axis, "kv"),
+        return layers.DenseGeneral((heads, self.head_dim), ("embed", "heads", "kv"),
                                    self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
                                    ia3="output" if name in self.ia3 else "", name=name)
 
@@ -172,8 +170,9 @@ class Attention(nn.Module):
                 "key_norm": self._norm("key_norm")}
 
     def _keys_values(self, kv: dict, x: Array) -> tuple[Array, Array]:
-        key = layers.constrain(kv["key_norm"](kv["key"](x)), _KV_AXES)
-        return key, layers.constrain(kv["value"](x), _KV_AXES)
+        # No activation constraint: with fewer KV heads than the tensor axis a
+        # `heads` constraint would pad them; unconstrained, they follow the kernels.
+        return kv["key_norm"](kv["key"](x)), kv["value"](x)
 
     @nn.compact
     def __call__(self, x_BxLxD: Array, *, self_bias: Optional[Array] = None,

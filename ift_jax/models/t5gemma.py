@@ -38,7 +38,7 @@ Param tree (`layers_N` unrolled; `layers` with a leading axis when scanned)::
     token_embedder/eoi_embedding                  [embed]          (t5gemma2)
     encoder/layers_N/{pre,post}_attention_layer_norm/scale
     encoder/layers_N/attention/{query/kernel [embed, heads, kv],
-        key,value/kernel [embed, kv_heads, kv], out/kernel [heads, kv, embed],
+        key,value/kernel [embed, heads (the KV heads), kv], out/kernel [heads, kv, embed],
         query_norm,key_norm/scale [kv] (t5gemma2)}
     encoder/layers_N/{pre,post}_mlp_layer_norm/scale, mlp/{wi_0,wi_1,wo}/kernel
     encoder/encoder_norm/scale
