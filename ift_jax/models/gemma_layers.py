@@ -195,25 +195,23 @@ class Attention(nn.Module):
           reuse_cross: project `encoded` at the first call only and keep its
             keys and values in the cache (decoding steps).
         """
-        query = layers.constrain(self._projection("query")(x_BxLxD), _HEADS_AXES)
-        query = self._norm("query_norm")(query)
+        rows, length = x_BxLxD.shape[:2]
+        query = self._norm("query_norm")(
+            layers.constrain(self._projection("query")(x_BxLxD), _HEADS_AXES))
         if rope is not None:
             query = apply_rope(query, rope)
         kv = self._kv_modules()
-        keys, values, biases = [], [], []
+        parts = []  # (keys, values, bias) of the self part, then of the cross part.
         if self_bias is not None:
             key, value = self._keys_values(kv, x_BxLxD)
             key = apply_rope(key, rope) if rope is not None else key
             if decode:
                 key, value = self._update_cache(key, value, cache_index)
-            keys.append(key), values.append(value), biases.append(self_bias)
+            parts.append((key, value, self_bias))
         if encoded is not None:
             key, value = self._cross_kv(kv, encoded, reuse_cross)
-            rows = x_BxLxD.shape[0]
-            keys.append(match_rows(key, rows)), values.append(match_rows(value, rows))
-            biases.append(cross_bias)
-        rows = x_BxLxD.shape[0]
-        length = query.shape[1]
+            parts.append((match_rows(key, rows), match_rows(value, rows), cross_bias))
+        keys, values, biases = zip(*parts)
         bias = jnp.concatenate(
             [jnp.broadcast_to(match_rows(b, rows), (rows, 1, length, b.shape[-1]))
              for b in biases], axis=-1)

@@ -201,7 +201,7 @@ def _stack_from_hf(cfg: dict, variant: str, where: str) -> StackConfig:
         return StackConfig(
             d_model=cfg["hidden_size"], d_ff=cfg["intermediate_size"], num_layers=layers_n,
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", 4),
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=cfg.get("head_dim", 256),  # HF's class default, not hidden // heads.
             layer_types=cfg.get("layer_types") or t5gemma_config.layer_pattern(layers_n, period),
             sliding_window=cfg.get("sliding_window", 4096),
             query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
@@ -402,7 +402,8 @@ def save(out_dir: str, config: T5GemmaConfig, params: dict, *, dtype: Any = np.f
     Args:
       params: the `params` collection of `t5gemma.Transformer(config)` (jax or
         numpy, either layer layout).
-      dtype: of the stored tensors (fp32 by default).
+      dtype: of the stored tensors (fp32 by default; `ml_dtypes.bfloat16` writes
+        BF16, as Gemma checkpoints ship).
       base_dir: the HF directory the model came from: T5Gemma 2's vision tower,
         projector and vision config are carried over from it.
     """
