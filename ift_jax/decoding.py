@@ -19,7 +19,8 @@ What this module owns:
 The model is called by method *name* (`method="encode"` / `"decode"`): a
 qwix LoRA model (`ift_jax.peft.apply_lora`) intercepts those names only, and
 `method=t5.Transformer.decode` would silently skip the adapters. Any module
-with a `config: T5Config` attribute and T5's `encode` / `decode` works.
+with a `config` of a family in `_FAMILIES` (T5, T5Gemma) and T5's `encode` /
+`decode` works; T5Gemma reads the start token 0 as its own (Gemma's BOS).
 
 Beam search follows HF transformers (5.x `GenerationMixin._beam_search` with
 `early_stopping=False`, `do_sample=False`), token for token:
@@ -46,7 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ift_jax.models import t5
+from ift_jax.models import t5, t5gemma, t5gemma_config
 
 Array = jax.Array
 PyTree = Any
@@ -72,13 +73,22 @@ def _decode_step(model: nn.Module, params: PyTree, cache: PyTree, encoded: Array
     return logits[:, 0].astype(jnp.float32), mutated["cache"]
 
 
+# Each model family's (config type, module with `init_cache` and `select_cache_rows`).
+_FAMILIES = ((t5.T5Config, t5), (t5gemma_config.T5GemmaConfig, t5gemma))
+
+
+def _family(model: nn.Module):
+    config = getattr(model, "config", None)
+    for config_type, module in _FAMILIES:
+        if isinstance(config, config_type):
+            return module
+    raise TypeError(f"decoding needs a T5 or T5Gemma model (a `config` attribute of type "
+                    f"T5Config or T5GemmaConfig); got {type(model).__name__}")
+
+
 def _zero_cache(model: nn.Module, batch: int, max_decode_length: int,
                 encoder_length: int) -> PyTree:
-    config = getattr(model, "config", None)
-    if not isinstance(config, t5.T5Config):
-        raise TypeError(f"decoding needs a T5 model with a `config: T5Config` attribute; "
-                        f"got {type(model).__name__}")
-    return t5.init_cache(config, batch, max_decode_length, encoder_length)
+    return _family(model).init_cache(model.config, batch, max_decode_length, encoder_length)
 
 
 # ----------------------------------------------------------------------------
@@ -348,7 +358,7 @@ def beam_search(model: nn.Module, params: PyTree, encoder_input_tokens: Array, *
         finished = _update_finished(finished, cand_scores, cand_seqs, stops, open_rows,
                                     length, length_penalty)
         rows = (jnp.arange(batch)[:, None] * num_beams + _gather_beams(source, keep)).reshape(-1)
-        cache = t5.select_cache_rows(cache, rows)
+        cache = _family(model).select_cache_rows(cache, rows)
         open_rows = _can_improve(open_rows, running["scores"], finished, length, length_penalty)
         stop = (length >= max_decode_length) | ~jnp.any(open_rows) | jnp.all(stops)
         last = running["seqs"][:, :, step].reshape(-1)
